@@ -1,0 +1,164 @@
+/* aclone: the clone device: I/O semantics of DESIGN.md built on the
+ * metadata file, the region map, the source and the destination.
+ *
+ * All I/O functions are safe to call from many threads at once.  They
+ * return 0 or -errno; -errno is what the NBD client should see.
+ */
+#ifndef ACLONE_CLONE_H
+#define ACLONE_CLONE_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "aclone/dest.h"
+#include "aclone/error.h"
+#include "aclone/map.h"
+#include "aclone/meta.h"
+#include "aclone/source.h"
+
+struct aclone_hydrator;
+
+/* Block status flags, as NBD's base:allocation. */
+#define ACLONE_EXTENT_HOLE 1u
+#define ACLONE_EXTENT_ZERO 2u
+
+struct aclone_clone_config {
+  const char *dest_path;
+  const char *meta_path;
+  uint32_t region_size;          /* 0 = default for new, any for existing */
+  bool copy_on_read;
+};
+
+/* Log sink: level 0 debug, 1 info, 2 error. */
+typedef void (*aclone_log_fn) (void *opaque, int level, const char *msg);
+
+struct aclone_clone {
+  struct aclone_meta *meta;
+  struct aclone_map map;
+  struct aclone_dest *dest;
+  struct aclone_source *src;     /* NULL once complete */
+  pthread_rwlock_t src_lock;     /* read: using src; write: releasing it */
+  uint64_t size;
+  uint32_t region_size;
+  bool copy_on_read;
+
+  /* Unhydrated regions read zero on dest: dest was created sparse by us,
+   * or the header says so and nothing has written to them since.
+   */
+  bool dest_zero;
+  atomic_bool dest_tainted;      /* a dest write failed: dest_zero is void */
+  atomic_bool complete;          /* every region hydrated and committed */
+
+  /* Commit (DESIGN.md invariant 1): one at a time. */
+  pthread_mutex_t commit_lock;
+  uint64_t *ci, *cw;  size_t ccap;     /* scratch: hydrated dirty words */
+  uint64_t *wi, *ww;  size_t wcap;     /* scratch: written dirty words */
+
+  /* Counters, cumulative over the clone's life (loaded from live page). */
+  atomic_uint_fast64_t bytes_copied, bytes_skipped, errors, in_flight;
+  pthread_mutex_t err_lock;
+  char last_error[256];
+
+  atomic_uint_fast64_t rate;     /* bytes/s copied recently (hydrator) */
+  atomic_uint_fast64_t hint;     /* 1 + region after the last read miss, 0 none */
+  atomic_uint fg_active;         /* client requests in progress */
+
+  aclone_log_fn log;
+  void *log_opaque;
+
+  /* Ticker: commits every second while dirty, updates the live page. */
+  pthread_t ticker;
+  bool ticker_running;
+  pthread_mutex_t tick_lock;
+  pthread_cond_t tick_cond;
+  bool stopping;
+
+  struct aclone_hydrator *hydrator;
+};
+
+/* Open or create the clone.  src may be NULL only for a complete clone;
+ * on success the clone owns src.  Checks everything before modifying
+ * anything: on failure dest and meta are as they were.
+ */
+int aclone_clone_open (const struct aclone_clone_config *cfg,
+                       struct aclone_source *src, aclone_log_fn log,
+                       void *log_opaque, struct aclone_clone **out,
+                       struct aclone_error *err);
+
+/* Start background threads (the ticker; the hydrator is started by its
+ * own module).  Call after nbdkit's fork.
+ */
+int aclone_clone_start (struct aclone_clone *c, struct aclone_error *err);
+
+/* Stop threads, final commit, release the metadata lock, free. */
+void aclone_clone_close (struct aclone_clone *c);
+
+int aclone_clone_pread (struct aclone_clone *c, void *buf, uint32_t count,
+                        uint64_t offset);
+int aclone_clone_pwrite (struct aclone_clone *c, const void *buf,
+                         uint32_t count, uint64_t offset, bool fua);
+
+/* Zero or trim.  Trim is zero that may punch; both leave the range
+ * reading zero.  fast: fail with -ENOTSUP rather than copy or write.
+ */
+int aclone_clone_zero (struct aclone_clone *c, uint32_t count,
+                       uint64_t offset, bool may_trim, bool fast, bool fua);
+int aclone_clone_flush (struct aclone_clone *c);
+
+/* Hydrate the regions covering the range (NBD_CMD_CACHE). */
+int aclone_clone_cache (struct aclone_clone *c, uint32_t count, uint64_t offset);
+
+/* Block status: call fn for consecutive extents from offset; type is
+ * NBD's (bit 0 hole, bit 1 zero).  Reports at least the first extent.
+ */
+typedef int (*aclone_status_fn) (void *opaque, uint64_t offset,
+                                 uint64_t length, uint32_t type);
+int aclone_clone_extents (struct aclone_clone *c, uint32_t count,
+                          uint64_t offset, bool req_one,
+                          aclone_status_fn fn, void *opaque);
+
+/* The commit protocol, DESIGN.md invariant 1:
+ *   1. swap out the dirty bits (regions hydrated/written since last commit)
+ *   2. fdatasync dest
+ *   3. set those bits in the mmap'd bitmaps
+ *   4. msync them
+ * then, when every region is hydrated, set the header's complete flag.
+ * On failure the swapped bits go back to the dirty set for the next try.
+ */
+int aclone_clone_commit (struct aclone_clone *c);
+
+/* Hydrate regions [first, first+count) that are not hydrated yet, by
+ * copying from the source; optionally fill out[] with device bytes
+ * [out_off, out_off+out_len) inside that range.  Must be called with the
+ * region lock for the range held.
+ */
+int aclone_clone_copy_locked (struct aclone_clone *c, uint64_t first,
+                              uint64_t count, void *out, uint64_t out_off,
+                              size_t out_len);
+
+/* Mark regions hydrated without copying because they read zero on the
+ * source, zeroing dest first unless it is known zero (invariant 4).
+ * Must be called with the region lock held.
+ */
+int aclone_clone_skip_zero_locked (struct aclone_clone *c, uint64_t first,
+                                   uint64_t count);
+
+/* Close the source once the clone is complete: waits for calls in
+ * progress.  Afterwards every read is served from dest.
+ */
+void aclone_clone_release_source (struct aclone_clone *c);
+
+/* Log a message through the clone's log sink (level 0 debug, 1 info). */
+void aclone_clone_log (struct aclone_clone *c, int level, const char *fmt, ...)
+  __attribute__ ((format (printf, 3, 4)));
+
+/* Record a runtime error: counters, live page, log. */
+void aclone_clone_error (struct aclone_clone *c, const char *fmt, ...)
+  __attribute__ ((format (printf, 2, 3)));
+
+/* Publish counters and state to the live page now. */
+void aclone_clone_publish (struct aclone_clone *c, enum aclone_state state);
+
+#endif

@@ -1,0 +1,36 @@
+/* aclone: error reports.
+ *
+ * The core library never prints.  A function that fails fills a
+ * struct aclone_error with one line naming the file or URI at fault;
+ * its caller (the nbdkit glue or the CLI) reports that line once.
+ */
+#ifndef ACLONE_ERROR_H
+#define ACLONE_ERROR_H
+
+#include <stddef.h>
+
+struct aclone_error {
+  int errnum;            /* positive errno, 0 if none */
+  char msg[512];
+};
+
+/* Set *e (when e is non-NULL) to the formatted message; when errnum is
+ * non-zero ": strerror(errnum)" is appended.  Returns -errnum, or -EINVAL
+ * when errnum is 0, so callers can write "return aclone_error_set (...)".
+ */
+int aclone_error_set (struct aclone_error *e, int errnum, const char *fmt, ...)
+  __attribute__ ((format (printf, 3, 4)));
+
+/* CRC-32C (Castagnoli) of len bytes, used for the metadata header. */
+unsigned aclone_crc32c (const void *buf, size_t len);
+
+/* Parse "64K", "1M", "2G", "512" (binary suffixes, case-insensitive).
+ * Returns -1 on a malformed or overflowing string.
+ */
+long long aclone_parse_size (const char *str);
+
+/* Monotonic and wall clocks in nanoseconds. */
+unsigned long long aclone_now_ns (void);
+unsigned long long aclone_wall_ns (void);
+
+#endif

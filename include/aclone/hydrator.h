@@ -1,0 +1,44 @@
+/* aclone: the background hydrator (DESIGN.md, "Hydrator").
+ *
+ * One worker thread per clone copies every region that is not hydrated
+ * from the source to dest, then commits and marks the clone complete.
+ * It is steered through the live page's control fields (pause, rate,
+ * depth), which "aclone pause|resume|set" write and it polls.
+ */
+#ifndef ACLONE_HYDRATOR_H
+#define ACLONE_HYDRATOR_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "aclone/clone.h"
+#include "aclone/error.h"
+
+struct aclone_hydrator_config {
+  bool start_paused;           /* hydrate=false */
+  uint64_t rate;               /* bytes/s, 0 = unlimited */
+  uint64_t batch;              /* bytes per copy request */
+  unsigned depth;              /* copies in flight */
+  unsigned connections;        /* async source connections */
+};
+
+#define ACLONE_HYDRATOR_DEFAULTS \
+  { .start_paused = false, .rate = 0, .batch = 1u << 20, .depth = 32, \
+    .connections = 4 }
+
+#define ACLONE_HYDRATOR_MAX_DEPTH 1024
+
+/* Start the worker thread (after nbdkit's fork).  Does nothing for a
+ * complete clone.
+ */
+int aclone_hydrator_start (struct aclone_clone *c,
+                           const struct aclone_hydrator_config *cfg,
+                           struct aclone_error *err);
+
+/* Stop and join the worker: copies in flight to dest are finished, reads
+ * in flight from the source are abandoned (their regions stay
+ * unhydrated).  Safe when not started.
+ */
+void aclone_hydrator_stop (struct aclone_clone *c);
+
+#endif

@@ -1,0 +1,173 @@
+/* aclone: the metadata file.
+ *
+ * One file per clone, mapped shared.  Layout (all integers little-endian,
+ * every area page aligned, page = 4096 bytes):
+ *
+ *   page 0          header: identity and geometry of the clone, CRC-32C
+ *   page 1          live page: status the server publishes, control
+ *                   fields the CLI writes (not crash-consistent)
+ *   hydrated_off    committed "hydrated" bitmap, one bit per region
+ *   written_off     committed "written by a client" bitmap
+ *
+ * The bitmaps hold committed state only (DESIGN.md invariant 1): bits are
+ * set by aclone_meta_commit_bits after the caller made the data durable.
+ * The file is flock'ed exclusively by the server that uses it; flock
+ * belongs to the open file description, so it survives nbdkit's fork.
+ */
+#ifndef ACLONE_META_H
+#define ACLONE_META_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "aclone/error.h"
+
+#define ACLONE_META_MAGIC       "ACLONEMD"
+#define ACLONE_META_VERSION     1
+#define ACLONE_PAGE             4096u
+#define ACLONE_MIN_REGION_SHIFT 12          /* 4 KiB */
+#define ACLONE_MAX_REGION_SHIFT 24          /* 16 MiB */
+#define ACLONE_DEFAULT_REGION   (64u * 1024)
+#define ACLONE_SOURCE_DESC_LEN  256
+
+/* Header flags. */
+#define ACLONE_FLAG_COMPLETE    (1u << 0)   /* every region hydrated */
+#define ACLONE_FLAG_DEST_ZERO   (1u << 1)   /* unhydrated regions read zero on dest */
+
+struct aclone_meta_header {
+  char     magic[8];          /*   0 */
+  uint32_t version;           /*   8 */
+  uint32_t header_len;        /*  12: bytes covered by the checksum */
+  uint8_t  uuid[16];          /*  16 */
+  uint64_t size;              /*  32: device size in bytes */
+  uint32_t region_size;       /*  40 */
+  uint32_t flags;             /*  44 */
+  uint64_t regions;           /*  48 */
+  uint64_t created;           /*  56: unix seconds */
+  uint64_t completed;         /*  64: unix seconds, 0 if not complete */
+  uint64_t live_off;          /*  72 */
+  uint64_t hydrated_off;      /*  80 */
+  uint64_t written_off;       /*  88 */
+  uint64_t bitmap_len;        /*  96: bytes of each bitmap area (page multiple) */
+  uint64_t file_len;          /* 104: expected file length */
+  char     source[ACLONE_SOURCE_DESC_LEN]; /* 112: NUL-terminated, no secrets */
+  uint32_t checksum;          /* 368: CRC-32C of bytes 0..header_len with this field zero */
+  uint32_t pad;               /* 372 */
+} __attribute__ ((packed));
+
+#define ACLONE_HEADER_LEN ((uint32_t) sizeof (struct aclone_meta_header))
+
+/* Server states published in the live page. */
+enum aclone_state {
+  ACLONE_STATE_STOPPED = 0,
+  ACLONE_STATE_HYDRATING = 1,
+  ACLONE_STATE_PAUSED = 2,
+  ACLONE_STATE_COMPLETE = 3,
+  ACLONE_STATE_ERROR = 4,
+  ACLONE_STATE_WAITING = 5,      /* source unreachable, retrying */
+};
+
+#define ACLONE_LIVE_MAGIC 0x4556494c454e4f4cULL   /* "LONELIVE" */
+
+/* Live page.  Every field is read and written with relaxed atomics as a
+ * whole 64-bit word; readers must treat it as advisory and possibly torn
+ * across fields.  Counters are cumulative for the clone (the server loads
+ * them at start), not for one server run.
+ */
+struct aclone_live {
+  uint64_t magic;
+  int64_t  pid;               /* server pid, 0 when stopped */
+  uint64_t heartbeat_ns;      /* CLOCK_REALTIME of the last update */
+  uint64_t state;             /* enum aclone_state */
+  uint64_t regions_hydrated;
+  uint64_t bytes_copied;      /* read from the source and written to dest */
+  uint64_t bytes_skipped;     /* hydrated without copying (zero, trim, whole writes) */
+  uint64_t in_flight;         /* bytes being copied now */
+  uint64_t errors;
+  uint64_t rate;              /* bytes/s copied, recent */
+  uint64_t started_ns;        /* CLOCK_REALTIME when this server started */
+  uint64_t reserved[21];
+  char     last_error[256];
+  /* Control: written by "aclone pause|resume|set", polled by the server. */
+  uint64_t ctl_pause;         /* 1 = paused */
+  uint64_t ctl_rate;          /* bytes/s, 0 = unlimited */
+  uint64_t ctl_depth;         /* 0 = server default */
+  uint64_t ctl_seq;           /* bumped on every CLI change */
+};
+
+struct aclone_meta {
+  char *path;
+  int fd;
+  bool locked;
+  bool writable;
+  uint8_t *map;               /* whole file, MAP_SHARED */
+  size_t map_len;
+  struct aclone_meta_header hdr;  /* validated host-endian copy */
+  struct aclone_live *live;
+  uint64_t *hydrated;         /* committed bitmaps inside map (LE words) */
+  uint64_t *written;
+};
+
+/* Geometry helpers. */
+static inline uint64_t
+aclone_region_count (uint64_t size, uint32_t region_size)
+{
+  return (size + region_size - 1) / region_size;
+}
+
+/* Is v a power of two within the allowed region sizes? */
+bool aclone_region_size_valid (uint64_t v);
+
+/* Create a new metadata file at path for a device of size bytes.
+ * The file is built under a temporary name, synced, locked, then renamed
+ * into place without replacing anything, so a crash never leaves a
+ * half-written file under path.  flags: ACLONE_FLAG_*.
+ * On success *out is open, mapped and exclusively locked.
+ */
+int aclone_meta_create (const char *path, uint64_t size, uint32_t region_size,
+                        uint32_t flags, const char *source_desc,
+                        struct aclone_meta **out, struct aclone_error *err);
+
+/* How aclone_meta_open maps the file. */
+enum aclone_meta_mode {
+  ACLONE_META_SERVER,   /* read-write, exclusive lock (EBUSY if held) */
+  ACLONE_META_READ,     /* read-only, no lock: status, inspect */
+  ACLONE_META_CONTROL,  /* read-write, no lock: the CLI writes only the
+                           control fields of the live page */
+};
+
+/* Open and validate an existing file. */
+int aclone_meta_open (const char *path, enum aclone_meta_mode mode,
+                      struct aclone_meta **out, struct aclone_error *err);
+
+/* Validate a header read from a file of file_len bytes.  Returns 0 or
+ * -EINVAL with a message in err (which names path).  Pure: used by the
+ * fuzzer and by aclone_meta_open.
+ */
+int aclone_meta_validate (const char *path, const void *page, size_t page_len,
+                          uint64_t file_len, struct aclone_meta_header *out,
+                          struct aclone_error *err);
+
+/* Rewrite the header's flags (and completed time) and msync page 0. */
+int aclone_meta_set_flags (struct aclone_meta *m, uint32_t flags,
+                           struct aclone_error *err);
+
+/* Set the given bits in the committed bitmaps (which: 0 hydrated,
+ * 1 written) and msync the pages touched.  The caller guarantees the data
+ * is durable.  words[i] is OR'ed into word index[i].
+ */
+int aclone_meta_commit_bits (struct aclone_meta *m, int which,
+                             const uint64_t *index, const uint64_t *words,
+                             size_t n, struct aclone_error *err);
+
+/* Is a server holding the lock on this file?  (For the CLI.) */
+bool aclone_meta_in_use (const char *path);
+
+/* Test a committed bit. */
+bool aclone_meta_bit (const struct aclone_meta *m, int which, uint64_t region);
+
+/* Unmap, unlock, close, free.  Safe on NULL. */
+void aclone_meta_close (struct aclone_meta *m);
+
+#endif

@@ -1,0 +1,83 @@
+/* aclone: the source, S.
+ *
+ * An interface so that the clone logic can be tested against fakes.  The
+ * real one (aclone_source_nbd_open) is a pool of libnbd connections to an
+ * NBD URI, reconnecting with backoff when the source drops; a call waits
+ * at most `timeout_s` seconds for the source to come back, then fails
+ * with EIO.
+ */
+#ifndef ACLONE_SOURCE_H
+#define ACLONE_SOURCE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <stddef.h>
+
+#include "aclone/error.h"
+
+/* Extent callback: called in offset order; zero is true when the source
+ * says the range reads as zeroes.  Return non-zero to stop early.
+ */
+typedef int (*aclone_extent_fn) (void *opaque, uint64_t offset,
+                                 uint64_t length, bool zero);
+
+struct aclone_source;
+struct nbd_handle;
+
+struct aclone_source_ops {
+  /* Read exactly count bytes at offset.  0 or -errno. */
+  int (*pread) (struct aclone_source *s, void *buf, size_t count,
+                uint64_t offset);
+  /* Report extents covering at least the first byte of [offset,
+   * offset+count).  -ENOTSUP when the source has no block status.
+   */
+  int (*extents) (struct aclone_source *s, uint64_t offset, uint64_t count,
+                  aclone_extent_fn fn, void *opaque);
+  /* Open a new connection for libnbd's asynchronous API, owned by the
+   * caller (the hydrator).  NULL when unreachable, or when the source is
+   * not NBD (the hydrator then copies through pread).  Optional.
+   */
+  struct nbd_handle *(*aio_connect) (struct aclone_source *s);
+  void (*close) (struct aclone_source *s);
+};
+
+struct aclone_source {
+  const struct aclone_source_ops *ops;
+  uint64_t size;
+  bool multi_conn;             /* source advertises multi-conn */
+  char desc[256];              /* URI without query string: no secrets */
+  /* Set by the pool, read by status reporting. */
+  _Atomic unsigned long long outage_since_ns; /* 0 = connected */
+};
+
+struct aclone_source_config {
+  const char *uri;
+  unsigned connections;        /* pool size, >= 1 */
+  unsigned timeout_s;          /* how long a call waits for a lost source */
+};
+
+/* Connect once to learn the size and check reachability, and set up the
+ * pool (its other connections open on demand).  Returns 0 or -errno.
+ */
+int aclone_source_nbd_open (const struct aclone_source_config *cfg,
+                            struct aclone_source **out,
+                            struct aclone_error *err);
+
+/* Copy of uri with any query string and userinfo removed. */
+void aclone_source_describe (const char *uri, char *out, size_t outlen);
+
+static inline int
+aclone_source_pread (struct aclone_source *s, void *buf, size_t count,
+                     uint64_t offset)
+{
+  return s->ops->pread (s, buf, count, offset);
+}
+
+static inline void
+aclone_source_close (struct aclone_source *s)
+{
+  if (s)
+    s->ops->close (s);
+}
+
+#endif

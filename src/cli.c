@@ -1,0 +1,498 @@
+/* aclone: the command line tool.  Reads a clone's metadata file, and
+ * steers its server through the live page's control fields.
+ *
+ *   aclone status [--json] META
+ *   aclone inspect [--map] META
+ *   aclone wait [--timeout S] META
+ *   aclone pause META | aclone resume META
+ *   aclone set META rate=SIZE depth=N
+ *
+ * Exit status: 0 success, 1 runtime error, 2 usage error.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <endian.h>
+
+#include "aclone/meta.h"
+#include "config.h"
+
+#define EXIT_USAGE 2
+
+static const char usage_text[] =
+  "Usage: aclone COMMAND [OPTIONS] META\n"
+  "Watch and steer an aclone clone through its metadata file META.\n"
+  "\n"
+  "Commands:\n"
+  "  status [--json] META        progress, rate, state, errors\n"
+  "  inspect [--map] META        header fields and validity; --map lists\n"
+  "                              the ranges not yet hydrated\n"
+  "  wait [--timeout S] META     block until the clone is complete\n"
+  "  pause META                  pause background hydration\n"
+  "  resume META                 resume background hydration\n"
+  "  set META rate=SIZE depth=N  hydration rate limit in bytes/s (0 = none),\n"
+  "                              copies in flight (0 = server default)\n"
+  "\n"
+  "Options: --help, --version.  Exit status: 0 ok, 1 error, 2 usage.\n"
+  "See aclone(1).\n";
+
+static int
+usage (const char *msg)
+{
+  if (msg)
+    fprintf (stderr, "aclone: %s\n", msg);
+  fputs ("Try 'aclone --help'.\n", stderr);
+  return EXIT_USAGE;
+}
+
+/* A snapshot of everything status-like, from the file and live page. */
+struct status {
+  struct aclone_meta_header hdr;
+  bool in_use;
+  uint64_t hydrated;
+  uint64_t bytes_copied, bytes_skipped, in_flight, errors, rate;
+  int64_t pid;
+  const char *state;
+  char last_error[256];
+  double percent;
+  int64_t eta;                 /* seconds, -1 unknown */
+};
+
+static uint64_t
+live_u64 (const uint64_t *p)
+{
+  return __atomic_load_n (p, __ATOMIC_RELAXED);
+}
+
+static uint64_t
+committed_hydrated (const struct aclone_meta *m)
+{
+  uint64_t n = 0, words = (m->hdr.regions + 63) / 64;
+  for (uint64_t i = 0; i < words; i++) {
+    uint64_t w = le64toh (m->hydrated[i]);
+    if (i == words - 1 && m->hdr.regions % 64)
+      w &= (UINT64_C (1) << (m->hdr.regions % 64)) - 1;
+    n += __builtin_popcountll (w);
+  }
+  return n;
+}
+
+static void
+read_status (const char *path, const struct aclone_meta *m, struct status *s)
+{
+  const struct aclone_live *l = m->live;
+  bool live_ok = live_u64 (&l->magic) == ACLONE_LIVE_MAGIC;
+
+  memset (s, 0, sizeof *s);
+  s->hdr = m->hdr;
+  s->in_use = aclone_meta_in_use (path);
+  s->hydrated = committed_hydrated (m);
+  if (live_ok) {
+    if (s->in_use) {
+      uint64_t h = live_u64 (&l->regions_hydrated);
+      if (h <= m->hdr.regions && h > s->hydrated)
+        s->hydrated = h;          /* in core, maybe not committed yet */
+      s->pid = (int64_t) live_u64 ((const uint64_t *) &l->pid);
+      s->in_flight = live_u64 (&l->in_flight);
+      s->rate = live_u64 (&l->rate);
+    }
+    s->bytes_copied = live_u64 (&l->bytes_copied);
+    s->bytes_skipped = live_u64 (&l->bytes_skipped);
+    s->errors = live_u64 (&l->errors);
+    memcpy (s->last_error, l->last_error, sizeof s->last_error);
+    s->last_error[sizeof s->last_error - 1] = '\0';
+    for (char *p = s->last_error; *p; p++)   /* the live page is not trusted */
+      if ((unsigned char) *p < 0x20 || (unsigned char) *p == 0x7f)
+        *p = '?';
+  }
+  if (m->hdr.flags & ACLONE_FLAG_COMPLETE) {
+    s->state = "complete";
+    s->hydrated = m->hdr.regions;
+  }
+  else if (!s->in_use)
+    s->state = "stopped";
+  else {
+    switch (live_ok ? live_u64 (&l->state) : ACLONE_STATE_HYDRATING) {
+    case ACLONE_STATE_PAUSED: s->state = "paused"; break;
+    case ACLONE_STATE_ERROR: s->state = "error"; break;
+    case ACLONE_STATE_WAITING: s->state = "waiting"; break;
+    case ACLONE_STATE_COMPLETE: s->state = "complete"; break;
+    default: s->state = "hydrating"; break;
+    }
+  }
+  s->percent = m->hdr.regions ? 100.0 * s->hydrated / m->hdr.regions : 100.0;
+  uint64_t left = (m->hdr.regions - s->hydrated) * (uint64_t) m->hdr.region_size;
+  s->eta = s->hydrated == m->hdr.regions ? 0
+           : s->rate && s->in_use ? (int64_t) (left / s->rate) : -1;
+}
+
+static const char *
+human (uint64_t v, char *buf, size_t len)
+{
+  const char *unit[] = { "B", "KiB", "MiB", "GiB", "TiB", "PiB" };
+  double d = v;
+  int i = 0;
+  while (d >= 1024 && i < 5) {
+    d /= 1024;
+    i++;
+  }
+  snprintf (buf, len, i ? "%.1f %s" : "%.0f %s", d, unit[i]);
+  return buf;
+}
+
+static void
+json_string (const char *s)
+{
+  putchar ('"');
+  for (; *s; s++) {
+    unsigned char ch = *s;
+    if (ch == '"' || ch == '\\')
+      printf ("\\%c", ch);
+    else if (ch < 0x20)
+      printf ("\\u%04x", ch);
+    else
+      putchar (ch);
+  }
+  putchar ('"');
+}
+
+static int
+open_meta (const char *path, enum aclone_meta_mode mode, struct aclone_meta **m)
+{
+  struct aclone_error err = { 0 };
+  if (aclone_meta_open (path, mode, m, &err) < 0) {
+    fprintf (stderr, "aclone: %s\n", err.msg);
+    return -1;
+  }
+  return 0;
+}
+
+static int
+cmd_status (int argc, char **argv)
+{
+  static const struct option opts[] = {
+    { "json", no_argument, NULL, 'j' }, { NULL, 0, NULL, 0 } };
+  bool json = false;
+  int c;
+
+  while ((c = getopt_long (argc, argv, "", opts, NULL)) != -1) {
+    if (c == 'j')
+      json = true;
+    else
+      return usage (NULL);
+  }
+  if (optind != argc - 1)
+    return usage ("status: expected one META file");
+
+  struct aclone_meta *m;
+  struct status s;
+  if (open_meta (argv[optind], ACLONE_META_READ, &m) < 0)
+    return EXIT_FAILURE;
+  read_status (argv[optind], m, &s);
+  aclone_meta_close (m);
+
+  if (json) {
+    printf ("{\"size\": %llu, \"block_size\": %u, \"regions\": %llu, "
+            "\"hydrated\": %llu, \"percent\": %.2f, \"bytes_copied\": %llu, "
+            "\"bytes_skipped\": %llu, \"in_flight\": %llu, \"state\": \"%s\", "
+            "\"pid\": %lld, \"rate\": %llu, \"eta_seconds\": %lld, "
+            "\"errors\": %llu, \"last_error\": ",
+            (unsigned long long) s.hdr.size, s.hdr.region_size,
+            (unsigned long long) s.hdr.regions, (unsigned long long) s.hydrated,
+            s.percent, (unsigned long long) s.bytes_copied,
+            (unsigned long long) s.bytes_skipped,
+            (unsigned long long) s.in_flight, s.state, (long long) s.pid,
+            (unsigned long long) s.rate, (long long) s.eta,
+            (unsigned long long) s.errors);
+    json_string (s.last_error);
+    printf (", \"source\": ");
+    json_string (s.hdr.source);
+    printf ("}\n");
+    return EXIT_SUCCESS;
+  }
+
+  char b1[32], b2[32], b3[32], b4[32];
+  printf ("source:        %s\n", s.hdr.source);
+  printf ("size:          %llu (%s)\n", (unsigned long long) s.hdr.size,
+          human (s.hdr.size, b1, sizeof b1));
+  printf ("block size:    %u\n", s.hdr.region_size);
+  printf ("regions:       %llu\n", (unsigned long long) s.hdr.regions);
+  printf ("hydrated:      %llu (%.1f%%)\n", (unsigned long long) s.hydrated,
+          s.percent);
+  printf ("bytes copied:  %llu (%s)\n", (unsigned long long) s.bytes_copied,
+          human (s.bytes_copied, b2, sizeof b2));
+  printf ("bytes skipped: %llu (%s)\n", (unsigned long long) s.bytes_skipped,
+          human (s.bytes_skipped, b3, sizeof b3));
+  printf ("state:         %s\n", s.state);
+  if (s.pid)
+    printf ("pid:           %lld\n", (long long) s.pid);
+  if (s.in_use) {
+    printf ("rate:          %s/s\n", human (s.rate, b4, sizeof b4));
+    if (s.eta >= 0)
+      printf ("eta:           %lld s\n", (long long) s.eta);
+    else
+      printf ("eta:           unknown\n");
+  }
+  printf ("errors:        %llu\n", (unsigned long long) s.errors);
+  if (s.last_error[0])
+    printf ("last error:    %s\n", s.last_error);
+  return EXIT_SUCCESS;
+}
+
+static int
+cmd_inspect (int argc, char **argv)
+{
+  static const struct option opts[] = {
+    { "map", no_argument, NULL, 'm' }, { NULL, 0, NULL, 0 } };
+  bool map = false;
+  int c;
+
+  while ((c = getopt_long (argc, argv, "", opts, NULL)) != -1) {
+    if (c == 'm')
+      map = true;
+    else
+      return usage (NULL);
+  }
+  if (optind != argc - 1)
+    return usage ("inspect: expected one META file");
+
+  const char *path = argv[optind];
+  struct aclone_meta *m;
+  if (open_meta (path, ACLONE_META_READ, &m) < 0) {
+    printf ("valid:         no\n");
+    return EXIT_FAILURE;
+  }
+  const struct aclone_meta_header *h = &m->hdr;
+  printf ("valid:         yes\n");
+  printf ("format:        %.8s version %u\n", h->magic, h->version);
+  printf ("uuid:          ");
+  for (int i = 0; i < 16; i++)
+    printf ("%02x%s", h->uuid[i], (i == 3 || i == 5 || i == 7 || i == 9) ? "-" : "");
+  printf ("\nsize:          %llu\n", (unsigned long long) h->size);
+  printf ("block size:    %u\n", h->region_size);
+  printf ("regions:       %llu\n", (unsigned long long) h->regions);
+  printf ("flags:         0x%x%s%s\n", h->flags,
+          h->flags & ACLONE_FLAG_COMPLETE ? " complete" : "",
+          h->flags & ACLONE_FLAG_DEST_ZERO ? " dest-zero" : "");
+  time_t t = (time_t) h->created;
+  char tbuf[64];
+  strftime (tbuf, sizeof tbuf, "%Y-%m-%dT%H:%M:%SZ", gmtime (&t));
+  printf ("created:       %s\n", tbuf);
+  if (h->completed) {
+    t = (time_t) h->completed;
+    strftime (tbuf, sizeof tbuf, "%Y-%m-%dT%H:%M:%SZ", gmtime (&t));
+    printf ("completed:     %s\n", tbuf);
+  }
+  printf ("source:        %s\n", h->source);
+  printf ("hydrated:      %llu (committed)\n",
+          (unsigned long long) committed_hydrated (m));
+  printf ("layout:        live@%llu hydrated@%llu written@%llu bitmap %llu bytes, "
+          "file %llu bytes\n",
+          (unsigned long long) h->live_off, (unsigned long long) h->hydrated_off,
+          (unsigned long long) h->written_off, (unsigned long long) h->bitmap_len,
+          (unsigned long long) h->file_len);
+  printf ("in use:        %s\n", aclone_meta_in_use (path) ? "yes" : "no");
+  if (map) {
+    printf ("unhydrated ranges (offset length):\n");
+    uint64_t r = 0;
+    while (r < h->regions) {
+      while (r < h->regions && aclone_meta_bit (m, 0, r))
+        r++;
+      uint64_t s = r;
+      while (r < h->regions && !aclone_meta_bit (m, 0, r))
+        r++;
+      if (r > s) {
+        uint64_t off = s * h->region_size;
+        uint64_t end = r * h->region_size;
+        if (end > h->size)
+          end = h->size;
+        printf ("%llu %llu\n", (unsigned long long) off,
+                (unsigned long long) (end - off));
+      }
+    }
+  }
+  aclone_meta_close (m);
+  return EXIT_SUCCESS;
+}
+
+static int
+cmd_wait (int argc, char **argv)
+{
+  static const struct option opts[] = {
+    { "timeout", required_argument, NULL, 't' }, { NULL, 0, NULL, 0 } };
+  double timeout = -1;
+  int c;
+
+  while ((c = getopt_long (argc, argv, "", opts, NULL)) != -1) {
+    if (c == 't') {
+      char *end;
+      timeout = strtod (optarg, &end);
+      if (*end || timeout < 0)
+        return usage ("wait: --timeout takes a number of seconds");
+    }
+    else
+      return usage (NULL);
+  }
+  if (optind != argc - 1)
+    return usage ("wait: expected one META file");
+
+  const char *path = argv[optind];
+  bool tty = isatty (STDOUT_FILENO);
+  unsigned long long start = aclone_now_ns (), last_line = 0;
+
+  for (;;) {
+    struct aclone_meta *m;
+    struct status s;
+    if (open_meta (path, ACLONE_META_READ, &m) < 0)
+      return EXIT_FAILURE;
+    read_status (path, m, &s);
+    aclone_meta_close (m);
+
+    unsigned long long now = aclone_now_ns ();
+    double elapsed = (now - start) / 1e9;
+    bool done = strcmp (s.state, "complete") == 0;
+    char rate[32], eta[32];
+    human (s.rate, rate, sizeof rate);
+    if (s.eta >= 0)
+      snprintf (eta, sizeof eta, "%lld:%02lld", (long long) s.eta / 60,
+                (long long) s.eta % 60);
+    else
+      snprintf (eta, sizeof eta, "?");
+    if (tty) {
+      int width = 30, fill = (int) (s.percent * width / 100);
+      printf ("\r[%.*s%.*s] %5.1f%% %s/s ETA %s %s   ", fill,
+              "##############################", width - fill,
+              "..............................", s.percent, rate, eta, s.state);
+      if (done)
+        printf ("\n");
+      fflush (stdout);
+    }
+    else if (done || last_line == 0 || now - last_line >= 5000000000ull) {
+      printf ("%.1f%% hydrated, %s/s, eta %s, %s\n", s.percent, rate, eta, s.state);
+      fflush (stdout);
+      last_line = now;
+    }
+    if (done)
+      return EXIT_SUCCESS;
+    if (!s.in_use) {
+      if (tty)
+        printf ("\n");
+      fprintf (stderr, "aclone: %s: no server is running, the clone is not "
+               "complete\n", path);
+      return EXIT_FAILURE;
+    }
+    if (timeout >= 0 && elapsed >= timeout) {
+      if (tty)
+        printf ("\n");
+      fprintf (stderr, "aclone: %s: timed out after %.0f s at %.1f%%\n", path,
+               timeout, s.percent);
+      return EXIT_FAILURE;
+    }
+    usleep (200000);
+  }
+}
+
+/* Write control fields: pause, resume, set. */
+static int
+control (const char *path, const int64_t *pause, const int64_t *rate,
+         const int64_t *depth)
+{
+  struct aclone_meta *m;
+
+  if (open_meta (path, ACLONE_META_CONTROL, &m) < 0)
+    return EXIT_FAILURE;
+  if (!aclone_meta_in_use (path)) {
+    fprintf (stderr, "aclone: %s: no server is running on this clone\n", path);
+    aclone_meta_close (m);
+    return EXIT_FAILURE;
+  }
+  struct aclone_live *l = m->live;
+  if (pause)
+    __atomic_store_n (&l->ctl_pause, (uint64_t) *pause, __ATOMIC_RELAXED);
+  if (rate)
+    __atomic_store_n (&l->ctl_rate, (uint64_t) *rate, __ATOMIC_RELAXED);
+  if (depth)
+    __atomic_store_n (&l->ctl_depth, (uint64_t) *depth, __ATOMIC_RELAXED);
+  __atomic_add_fetch (&l->ctl_seq, 1, __ATOMIC_RELAXED);
+  aclone_meta_close (m);
+  return EXIT_SUCCESS;
+}
+
+static int
+cmd_pause_resume (int argc, char **argv, bool pause)
+{
+  if (argc != 2)
+    return usage (pause ? "pause: expected one META file"
+                        : "resume: expected one META file");
+  int64_t v = pause;
+  return control (argv[1], &v, NULL, NULL);
+}
+
+static int
+cmd_set (int argc, char **argv)
+{
+  int64_t rate = -1, depth = -1;
+
+  if (argc < 3)
+    return usage ("set: expected META and rate=SIZE and/or depth=N");
+  for (int i = 2; i < argc; i++) {
+    if (strncmp (argv[i], "rate=", 5) == 0) {
+      rate = aclone_parse_size (argv[i] + 5);
+      if (rate < 0)
+        return usage ("set: rate= takes a size in bytes/s, like 50M");
+    }
+    else if (strncmp (argv[i], "depth=", 6) == 0) {
+      char *end;
+      long v = strtol (argv[i] + 6, &end, 10);
+      if (*end || end == argv[i] + 6 || v < 0 || v > 1024)
+        return usage ("set: depth= takes a number from 0 to 1024");
+      depth = v;
+    }
+    else
+      return usage ("set: unknown setting (rate=SIZE, depth=N)");
+  }
+  return control (argv[1], NULL, rate >= 0 ? &rate : NULL,
+                  depth >= 0 ? &depth : NULL);
+}
+
+int
+main (int argc, char **argv)
+{
+  if (argc < 2)
+    return usage ("missing command");
+  const char *cmd = argv[1];
+  if (strcmp (cmd, "--help") == 0 || strcmp (cmd, "-h") == 0 ||
+      strcmp (cmd, "help") == 0) {
+    fputs (usage_text, stdout);
+    return EXIT_SUCCESS;
+  }
+  if (strcmp (cmd, "--version") == 0 || strcmp (cmd, "-V") == 0) {
+    printf ("aclone %s\n", ACLONE_VERSION);
+    return EXIT_SUCCESS;
+  }
+  argc--;
+  argv++;
+  for (int i = 1; i < argc; i++)
+    if (strcmp (argv[i], "--help") == 0) {
+      fputs (usage_text, stdout);
+      return EXIT_SUCCESS;
+    }
+  if (strcmp (cmd, "status") == 0)
+    return cmd_status (argc, argv);
+  if (strcmp (cmd, "inspect") == 0)
+    return cmd_inspect (argc, argv);
+  if (strcmp (cmd, "wait") == 0)
+    return cmd_wait (argc, argv);
+  if (strcmp (cmd, "pause") == 0)
+    return cmd_pause_resume (argc, argv, true);
+  if (strcmp (cmd, "resume") == 0)
+    return cmd_pause_resume (argc, argv, false);
+  if (strcmp (cmd, "set") == 0)
+    return cmd_set (argc, argv);
+  return usage ("unknown command");
+}

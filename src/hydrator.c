@@ -1,0 +1,843 @@
+/* aclone: the background hydrator.
+ *
+ * Design notes
+ * ------------
+ * One worker thread.  It works in two passes:
+ *
+ * 1. Zero scan.  It asks the source for base:allocation over the whole
+ *    device and marks every region that lies wholly inside a zero extent
+ *    hydrated without copying (aclone_clone_skip_zero_locked, which zeroes
+ *    dest first unless dest is known zero: invariant 4).  A 64 GiB volume
+ *    holding 64 MiB of data thus copies 64 MiB.
+ *
+ * 2. Copy sweep.  A cursor walks the map; each step takes the next run of
+ *    unhydrated regions (at most `batch` bytes), try-locks it and copies
+ *    it.  Regions a client holds are skipped and picked up on a later
+ *    sweep.  After a client's read miss the regions that follow it are
+ *    copied first (locality).  The sweep ends when every region is
+ *    hydrated; then a commit marks the clone complete, and the source is
+ *    released.
+ *
+ * Two copy engines share the sweep:
+ *   - the ring engine (NBD sources): up to `depth` batches in flight; the
+ *     source reads use libnbd's asynchronous API over `connections`
+ *     connections whose sockets are polled through an io_uring, and dest
+ *     writes go through the same ring.  A batch is READING until libnbd
+ *     calls its completion, then WRITING until its ring write completes;
+ *     only then are its regions marked hydrated and unlocked.
+ *   - the plain engine (any other source, e.g. unit-test fakes): one
+ *     batch at a time through aclone_clone_copy_locked.
+ *
+ * Steering: every turn of the loop reads the live page's control fields.
+ * Pause stops new batches (those in flight finish).  The rate limit is a
+ * token bucket refilled at `rate` bytes/s holding at most one second's
+ * worth.  While clients have requests in progress the depth is quartered
+ * so that foreground I/O goes first.
+ *
+ * Failures: a batch whose read or write fails leaves its regions
+ * unhydrated, counts an error, and backs the whole hydrator off
+ * (100 ms doubling to 5 s); the sweep comes back to them.  A dead source
+ * connection is closed and reopened after the backoff.
+ */
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <libnbd.h>
+#include <liburing.h>
+
+#include "aclone/hydrator.h"
+
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+#define MAX(a, b) ((a) > (b) ? (a) : (b))
+
+#define BACKOFF_MIN_NS   100000000ull        /* 100 ms */
+#define BACKOFF_MAX_NS  5000000000ull        /* 5 s */
+#define NEAR_BATCHES     8                   /* batches after a read miss */
+#define MAX_CONNS        64
+
+enum batch_state { B_FREE, B_READING, B_READ_DONE, B_WRITING };
+
+struct batch {
+  enum batch_state state;
+  uint64_t first, n;          /* regions copied */
+  uint64_t lock_n;            /* regions locked (>= n) */
+  uint64_t off, len, done;    /* bytes; done = written so far */
+  int conn;
+  int error;                  /* errno of the read */
+  char *buf;
+  size_t buf_len;
+};
+
+struct conn {
+  struct nbd_handle *h;
+  unsigned gen;               /* tags CQEs: stale polls are ignored */
+  bool polled;
+  unsigned busy;              /* batches reading on it */
+  unsigned long long retry_at;
+};
+
+struct aclone_hydrator {
+  struct aclone_clone *c;
+  struct aclone_hydrator_config cfg;
+  pthread_t thread;
+  atomic_bool stop;
+
+  uint64_t batch_regions;
+  uint64_t cursor;            /* next region of the sweep */
+  uint64_t near, near_left;   /* locality: where and how many batches */
+
+  /* rate limiting */
+  uint64_t rate;
+  double tokens;
+  unsigned long long tok_time;
+
+  /* backoff after failures */
+  unsigned long long backoff_ns, resume_at;
+
+  /* rate measurement */
+  unsigned long long meas_time;
+  uint64_t meas_bytes;
+
+  /* ring engine */
+  struct io_uring ring;
+  bool ring_ok;
+  struct conn conns[MAX_CONNS];
+  unsigned nconns, next_conn;
+  struct batch *batches;
+  unsigned nbatches, inflight;
+};
+
+/* CQE tags: kind in the top byte, generation, index. */
+enum { TAG_POLL = 1, TAG_WRITE = 2, TAG_CANCEL = 3 };
+#define TAG(kind, gen, idx) (((uint64_t) (kind) << 56) | ((uint64_t) (gen) << 24) | (idx))
+#define TAG_KIND(t) ((unsigned) ((t) >> 56))
+#define TAG_GEN(t)  ((unsigned) (((t) >> 24) & 0xffffffff))
+#define TAG_IDX(t)  ((unsigned) ((t) & 0xffffff))
+
+static void
+nap (unsigned long long ns)
+{
+  struct timespec ts = { ns / 1000000000ull, ns % 1000000000ull };
+  nanosleep (&ts, NULL);
+}
+
+static uint64_t
+ctl (struct aclone_hydrator *h, size_t field_off)
+{
+  return __atomic_load_n ((uint64_t *) ((char *) h->c->meta->live + field_off),
+                          __ATOMIC_RELAXED);
+}
+#define CTL(h, f) ctl ((h), offsetof (struct aclone_live, f))
+
+static bool
+paused (struct aclone_hydrator *h)
+{
+  return CTL (h, ctl_pause) != 0;
+}
+
+static unsigned
+depth_limit (struct aclone_hydrator *h)
+{
+  uint64_t d = CTL (h, ctl_depth);
+  unsigned depth = d ? (unsigned) MIN (d, ACLONE_HYDRATOR_MAX_DEPTH) : h->cfg.depth;
+  if (atomic_load (&h->c->fg_active) > 0)
+    depth = MAX (depth / 4, 1u);          /* foreground first */
+  return depth;
+}
+
+/* Token bucket with debt: a batch may start while the bucket is not
+ * empty, and is then charged its length (rate_charge), so the long-run
+ * rate is exact whatever the batch sizes.  The bucket holds at most one
+ * second's worth.
+ */
+static bool
+rate_allows (struct aclone_hydrator *h)
+{
+  uint64_t rate = CTL (h, ctl_rate);
+  unsigned long long now = aclone_now_ns ();
+
+  if (rate != h->rate) {             /* changed: start afresh */
+    h->rate = rate;
+    h->tokens = 0;
+    h->tok_time = now;
+  }
+  if (rate == 0)
+    return true;
+  h->tokens += (double) rate * (now - h->tok_time) / 1e9;
+  h->tok_time = now;
+  if (h->tokens > (double) rate)
+    h->tokens = (double) rate;
+  return h->tokens > 0;
+}
+
+static void
+rate_charge (struct aclone_hydrator *h, uint64_t len)
+{
+  if (h->rate)
+    h->tokens -= (double) len;
+}
+
+static void
+failed (struct aclone_hydrator *h)
+{
+  h->backoff_ns = h->backoff_ns ? MIN (h->backoff_ns * 2, BACKOFF_MAX_NS)
+                                : BACKOFF_MIN_NS;
+  h->resume_at = aclone_now_ns () + h->backoff_ns;
+}
+
+static void
+succeeded (struct aclone_hydrator *h)
+{
+  h->backoff_ns = 0;
+}
+
+/* Update the copy rate the live page shows, about once a second. */
+static void
+measure (struct aclone_hydrator *h)
+{
+  unsigned long long now = aclone_now_ns ();
+  uint64_t bytes = atomic_load (&h->c->bytes_copied);
+
+  if (h->meas_time == 0) {
+    h->meas_time = now;
+    h->meas_bytes = bytes;
+  }
+  else if (now - h->meas_time >= 1000000000ull) {
+    uint64_t r = (bytes - h->meas_bytes) * 1e9 / (now - h->meas_time);
+    atomic_store (&h->c->rate, r);
+    h->meas_time = now;
+    h->meas_bytes = bytes;
+  }
+}
+
+/* 1. Zero scan ------------------------------------------------------ */
+
+struct zscan {
+  struct aclone_hydrator *h;
+  uint64_t zstart, zend;      /* current run of zero bytes */
+  uint64_t pos;               /* how far the source has answered */
+  int error;
+};
+
+/* Mark the whole regions inside [start, end) hydrated-as-zero. */
+static void
+skip_zero_bytes (struct aclone_hydrator *h, uint64_t start, uint64_t end)
+{
+  struct aclone_clone *c = h->c;
+  unsigned shift = c->map.shift;
+  uint64_t r = (start + c->region_size - 1) >> shift;
+  uint64_t last = end >= c->size ? c->map.regions : end >> shift;
+
+  while (r < last && !atomic_load (&h->stop)) {
+    r = aclone_map_next_unhydrated (&c->map, r);
+    if (r >= last)
+      break;
+    uint64_t n = aclone_map_run (&c->map, r, MIN (last - r, 1u << 16));
+    if (aclone_map_trylock (&c->map, r, n)) {
+      if (aclone_clone_skip_zero_locked (c, r, n) < 0)
+        failed (h);
+      aclone_map_unlock (&c->map, r, n);
+    }
+    r += n;
+  }
+}
+
+static int
+zscan_cb (void *opaque, uint64_t off, uint64_t len, bool zero)
+{
+  struct zscan *z = opaque;
+
+  if (zero && off == z->zend)
+    z->zend = off + len;
+  else {
+    if (z->zend > z->zstart)
+      skip_zero_bytes (z->h, z->zstart, z->zend);
+    z->zstart = z->zend = zero ? off : off + len;
+    if (zero)
+      z->zend = off + len;
+  }
+  z->pos = off + len;
+  return atomic_load (&z->h->stop);
+}
+
+static void
+zero_scan (struct aclone_hydrator *h)
+{
+  struct aclone_clone *c = h->c;
+  struct zscan z = { .h = h };
+
+  while (z.pos < c->size && !atomic_load (&h->stop)) {
+    while (paused (h) && !atomic_load (&h->stop))
+      nap (50000000);
+    uint64_t start = z.pos;
+    pthread_rwlock_rdlock (&c->src_lock);
+    int r = c->src ? c->src->ops->extents (c->src, start, c->size - start,
+                                           zscan_cb, &z)
+                   : -ENOTSUP;
+    pthread_rwlock_unlock (&c->src_lock);
+    if (r == -ENOTSUP)
+      return;                        /* no block status: copy everything */
+    if (r < 0 || z.pos <= start) {
+      aclone_clone_error (c, "source %s: block status at %llu failed, "
+                          "copying instead", c->src ? c->src->desc : "",
+                          (unsigned long long) start);
+      return;
+    }
+  }
+  if (z.zend > z.zstart)
+    skip_zero_bytes (h, z.zstart, z.zend);
+}
+
+/* 2. Choosing the next batch ------------------------------------------ */
+
+/* Find and lock the next run of unhydrated regions.  Returns false when
+ * nothing can be taken now (all hydrated, or the rest locked).
+ */
+static bool
+pick (struct aclone_hydrator *h, struct batch *b)
+{
+  struct aclone_map *m = &h->c->map;
+  uint64_t hint = atomic_exchange_explicit (&h->c->hint, 0, memory_order_relaxed);
+  uint64_t scanned = 0;
+
+  if (hint) {
+    h->near = hint - 1;
+    h->near_left = NEAR_BATCHES;
+  }
+  while (scanned <= m->regions) {
+    uint64_t r;
+    bool near = h->near_left > 0;
+    if (near) {
+      r = aclone_map_next_unhydrated (m, h->near);
+      if (r >= m->regions || r > h->near + h->batch_regions) {
+        h->near_left = 0;
+        continue;
+      }
+    }
+    else {
+      r = aclone_map_next_unhydrated (m, h->cursor);
+      if (r >= m->regions) {
+        if (h->cursor == 0)
+          return false;
+        scanned += m->regions - h->cursor;
+        h->cursor = 0;                 /* wrap: a new sweep */
+        continue;
+      }
+    }
+    uint64_t n = aclone_map_run (m, r, h->batch_regions);
+    if (near) {
+      h->near = r + n;
+      h->near_left--;
+    }
+    else {
+      scanned += r + n - h->cursor;
+      h->cursor = r + n;
+    }
+    if (!aclone_map_trylock (m, r, n))
+      continue;                        /* a client has it: later */
+    /* Under the lock the state is frozen: copy only what is still
+     * unhydrated at the front.
+     */
+    uint64_t k = aclone_map_hydrated (m, r) ? 0 : aclone_map_run (m, r, n);
+    if (k == 0) {
+      aclone_map_unlock (m, r, n);
+      continue;
+    }
+    b->first = r;
+    b->n = k;
+    b->lock_n = n;
+    b->off = r << m->shift;
+    b->len = MIN ((r + k) << m->shift, h->c->size) - b->off;
+    b->done = 0;
+    b->error = 0;
+    return true;
+  }
+  return false;
+}
+
+static bool
+all_hydrated (struct aclone_hydrator *h)
+{
+  return atomic_load (&h->c->map.nr_hydrated) == h->c->map.regions;
+}
+
+/* May a new batch start now? */
+static bool
+may_start (struct aclone_hydrator *h, unsigned inflight)
+{
+  if (paused (h) || inflight >= depth_limit (h))
+    return false;
+  if (h->resume_at && aclone_now_ns () < h->resume_at)
+    return false;
+  return rate_allows (h);
+}
+
+/* The plain engine ---------------------------------------------------- */
+
+static void
+run_plain (struct aclone_hydrator *h)
+{
+  struct batch b = { 0 };
+
+  while (!atomic_load (&h->stop) && !all_hydrated (h)) {
+    measure (h);
+    if (!may_start (h, 0) || !pick (h, &b)) {
+      nap (10000000);
+      continue;
+    }
+    rate_charge (h, b.len);
+    int r = aclone_clone_copy_locked (h->c, b.first, b.n, NULL, 0, 0);
+    aclone_map_unlock (&h->c->map, b.first, b.lock_n);
+    if (r < 0)
+      failed (h);
+    else
+      succeeded (h);
+  }
+}
+
+/* The ring engine ----------------------------------------------------- */
+
+static struct io_uring_sqe *
+get_sqe (struct aclone_hydrator *h)
+{
+  struct io_uring_sqe *sqe = io_uring_get_sqe (&h->ring);
+  if (!sqe) {
+    io_uring_submit (&h->ring);
+    sqe = io_uring_get_sqe (&h->ring);
+  }
+  return sqe;
+}
+
+/* libnbd completion: runs inside nbd_aio_notify_*, on this thread. */
+static int
+read_done (void *opaque, int *error)
+{
+  struct batch *b = opaque;
+
+  if (b->state == B_READING) {
+    b->error = *error;
+    b->state = B_READ_DONE;
+  }
+  return 1;                            /* retire the command */
+}
+
+static void
+batch_release (struct aclone_hydrator *h, struct batch *b, bool ok)
+{
+  struct aclone_clone *c = h->c;
+
+  if (ok) {
+    aclone_map_set_hydrated (&c->map, b->first, b->n);
+    atomic_fetch_add (&c->bytes_copied, b->len);
+    succeeded (h);
+  }
+  else
+    failed (h);
+  atomic_fetch_sub (&c->in_flight, b->len);
+  aclone_map_unlock (&c->map, b->first, b->lock_n);
+  b->state = B_FREE;
+  h->inflight--;
+}
+
+static void
+conn_close (struct aclone_hydrator *h, unsigned i)
+{
+  struct conn *k = &h->conns[i];
+
+  if (!k->h)
+    return;
+  if (k->polled) {
+    struct io_uring_sqe *sqe = get_sqe (h);
+    if (sqe) {
+      io_uring_prep_poll_remove (sqe, TAG (TAG_POLL, k->gen, i));
+      io_uring_sqe_set_data64 (sqe, TAG (TAG_CANCEL, 0, i));
+    }
+  }
+  /* Reads still outstanding on it will never complete: fail them. */
+  for (unsigned j = 0; j < h->nbatches; j++) {
+    struct batch *b = &h->batches[j];
+    if (b->state == B_READING && b->conn == (int) i) {
+      b->error = ENOTCONN;
+      b->state = B_READ_DONE;
+    }
+  }
+  nbd_close (k->h);
+  k->h = NULL;
+  k->gen++;
+  k->polled = false;
+  k->busy = 0;
+  k->retry_at = aclone_now_ns () + MAX (h->backoff_ns, BACKOFF_MIN_NS);
+}
+
+/* Open connections that are missing, once their backoff has passed. */
+static void
+conns_refill (struct aclone_hydrator *h)
+{
+  struct aclone_clone *c = h->c;
+  unsigned long long now = aclone_now_ns ();
+
+  for (unsigned i = 0; i < h->nconns; i++) {
+    struct conn *k = &h->conns[i];
+    if (k->h || now < k->retry_at)
+      continue;
+    pthread_rwlock_rdlock (&c->src_lock);
+    k->h = c->src ? c->src->ops->aio_connect (c->src) : NULL;
+    pthread_rwlock_unlock (&c->src_lock);
+    if (!k->h) {
+      failed (h);
+      k->retry_at = now + h->backoff_ns;
+      continue;
+    }
+    aclone_clone_log (c, 0, "hydrator: source connection %u open", i);
+  }
+}
+
+/* Start a batch's source read on some live connection. */
+static bool
+issue_read (struct aclone_hydrator *h, struct batch *b)
+{
+  for (unsigned t = 0; t < h->nconns; t++) {
+    unsigned i = (h->next_conn + t) % h->nconns;
+    struct conn *k = &h->conns[i];
+    if (!k->h)
+      continue;
+    h->next_conn = i + 1;
+    nbd_completion_callback cb = { .callback = read_done, .user_data = b };
+    b->state = B_READING;
+    b->conn = i;
+    if (nbd_aio_pread (k->h, b->buf, b->len, b->off, cb, 0) < 0) {
+      b->state = B_FREE;
+      if (nbd_aio_is_dead (k->h) || nbd_aio_is_closed (k->h))
+        conn_close (h, i);
+      continue;
+    }
+    k->busy++;
+    return true;
+  }
+  return false;
+}
+
+static void
+issue_write (struct aclone_hydrator *h, unsigned idx)
+{
+  struct batch *b = &h->batches[idx];
+  struct io_uring_sqe *sqe = get_sqe (h);
+
+  if (!sqe) {                          /* cannot happen with our sizing */
+    batch_release (h, b, false);
+    return;
+  }
+  io_uring_prep_write (sqe, h->c->dest->fd, b->buf + b->done, b->len - b->done,
+                       b->off + b->done);
+  io_uring_sqe_set_data64 (sqe, TAG (TAG_WRITE, 0, idx));
+  b->state = B_WRITING;
+}
+
+/* Handle batches whose source read finished. */
+static void
+reads_finished (struct aclone_hydrator *h)
+{
+  for (unsigned i = 0; i < h->nbatches; i++) {
+    struct batch *b = &h->batches[i];
+    if (b->state != B_READ_DONE)
+      continue;
+    if (b->conn >= 0 && h->conns[b->conn].busy)
+      h->conns[b->conn].busy--;
+    if (b->error) {
+      aclone_clone_error (h->c, "hydrator: source %s: read %llu bytes at %llu: %s",
+                          h->c->src ? h->c->src->desc : "",
+                          (unsigned long long) b->len,
+                          (unsigned long long) b->off, strerror (b->error));
+      batch_release (h, b, false);
+    }
+    else
+      issue_write (h, i);
+  }
+}
+
+static void
+arm_polls (struct aclone_hydrator *h)
+{
+  for (unsigned i = 0; i < h->nconns; i++) {
+    struct conn *k = &h->conns[i];
+    if (!k->h)
+      continue;
+    if (nbd_aio_is_dead (k->h) || nbd_aio_is_closed (k->h)) {
+      aclone_clone_log (h->c, 0, "hydrator: source connection %u lost", i);
+      conn_close (h, i);
+      continue;
+    }
+    unsigned dir = nbd_aio_get_direction (k->h);
+    if (k->polled) {
+      /* A request may be waiting to be sent while our poll waits only
+       * for input: push it now rather than re-arming.
+       */
+      if (dir & LIBNBD_AIO_DIRECTION_WRITE)
+        nbd_aio_notify_write (k->h);
+      continue;
+    }
+    short mask = 0;
+    if (dir & LIBNBD_AIO_DIRECTION_READ)
+      mask |= POLLIN;
+    if (dir & LIBNBD_AIO_DIRECTION_WRITE)
+      mask |= POLLOUT;
+    if (!mask || (k->busy == 0 && !(mask & POLLOUT)))
+      continue;                        /* idle: nothing to wait for */
+    struct io_uring_sqe *sqe = get_sqe (h);
+    if (!sqe)
+      return;
+    io_uring_prep_poll_add (sqe, nbd_aio_get_fd (k->h), mask);
+    io_uring_sqe_set_data64 (sqe, TAG (TAG_POLL, k->gen, i));
+    k->polled = true;
+  }
+}
+
+static void
+handle_cqe (struct aclone_hydrator *h, struct io_uring_cqe *cqe)
+{
+  uint64_t tag = io_uring_cqe_get_data64 (cqe);
+  unsigned idx = TAG_IDX (tag);
+
+  switch (TAG_KIND (tag)) {
+  case TAG_POLL: {
+    if (idx >= h->nconns)
+      return;
+    struct conn *k = &h->conns[idx];
+    if (TAG_GEN (tag) != k->gen || !k->h)
+      return;                          /* for a closed connection */
+    k->polled = false;
+    int rev = cqe->res < 0 ? POLLERR : cqe->res;
+    if (rev & (POLLIN | POLLERR | POLLHUP))
+      nbd_aio_notify_read (k->h);
+    if ((rev & POLLOUT) && k->h)
+      nbd_aio_notify_write (k->h);
+    break;
+  }
+  case TAG_WRITE: {
+    struct batch *b = &h->batches[idx];
+    if (cqe->res < 0) {
+      atomic_store (&h->c->dest_tainted, true);
+      aclone_clone_error (h->c, "hydrator: dest %s: write at %llu: %s",
+                          h->c->dest->path, (unsigned long long) (b->off + b->done),
+                          strerror (-cqe->res));
+      batch_release (h, b, false);
+    }
+    else {
+      b->done += cqe->res;
+      if (cqe->res == 0) {
+        atomic_store (&h->c->dest_tainted, true);
+        aclone_clone_error (h->c, "hydrator: dest %s: short write at %llu",
+                            h->c->dest->path, (unsigned long long) (b->off + b->done));
+        batch_release (h, b, false);
+      }
+      else if (b->done < b->len)
+        issue_write (h, idx);          /* short write: the rest */
+      else
+        batch_release (h, b, true);
+    }
+    break;
+  }
+  default:
+    break;
+  }
+}
+
+static struct batch *
+free_batch (struct aclone_hydrator *h)
+{
+  for (unsigned i = 0; i < h->nbatches; i++)
+    if (h->batches[i].state == B_FREE)
+      return &h->batches[i];
+  return NULL;
+}
+
+static bool
+any_conn (struct aclone_hydrator *h)
+{
+  for (unsigned i = 0; i < h->nconns; i++)
+    if (h->conns[i].h)
+      return true;
+  return false;
+}
+
+static void
+run_ring (struct aclone_hydrator *h)
+{
+  while (!atomic_load (&h->stop)) {
+    if (all_hydrated (h) && h->inflight == 0)
+      break;
+    measure (h);
+    conns_refill (h);
+
+    /* Start batches while allowed. */
+    struct batch *b;
+    while (any_conn (h) && may_start (h, h->inflight) &&
+           (b = free_batch (h)) != NULL) {
+      if (!b->buf) {
+        b->buf = malloc (h->cfg.batch);
+        if (!b->buf)
+          break;
+        b->buf_len = h->cfg.batch;
+      }
+      if (!pick (h, b))
+        break;
+      if (!issue_read (h, b)) {
+        aclone_map_unlock (&h->c->map, b->first, b->lock_n);
+        break;
+      }
+      rate_charge (h, b->len);
+      atomic_fetch_add (&h->c->in_flight, b->len);
+      h->inflight++;
+    }
+
+    reads_finished (h);
+    arm_polls (h);
+
+    struct io_uring_cqe *cqe;
+    struct __kernel_timespec ts = { 0, h->inflight ? 50000000 : 20000000 };
+    int r = io_uring_submit_and_wait_timeout (&h->ring, &cqe, 1, &ts, NULL);
+    if (r < 0 && r != -ETIME && r != -EINTR) {
+      aclone_clone_error (h->c, "hydrator: io_uring: %s", strerror (-r));
+      nap (100000000);
+    }
+    unsigned head, seen = 0;
+    io_uring_for_each_cqe (&h->ring, head, cqe) {
+      handle_cqe (h, cqe);
+      seen++;
+    }
+    io_uring_cq_advance (&h->ring, seen);
+    reads_finished (h);
+  }
+
+  /* Stopping: let dest writes in flight finish, abandon source reads. */
+  for (unsigned i = 0; i < h->nconns; i++)
+    conn_close (h, i);
+  reads_finished (h);                  /* fails the abandoned reads */
+  while (h->inflight > 0) {
+    struct io_uring_cqe *cqe;
+    io_uring_submit (&h->ring);
+    if (io_uring_wait_cqe (&h->ring, &cqe) < 0)
+      break;
+    handle_cqe (h, cqe);
+    io_uring_cqe_seen (&h->ring, cqe);
+    reads_finished (h);
+  }
+}
+
+/* The worker ------------------------------------------------------------ */
+
+static void
+finish (struct aclone_hydrator *h)
+{
+  struct aclone_clone *c = h->c;
+
+  /* A commit marks the clone complete once every bit is in the file;
+   * a region hydrated during one commit needs the next.
+   */
+  while (!atomic_load (&c->complete) && !atomic_load (&h->stop)) {
+    if (aclone_clone_commit (c) < 0)
+      nap (1000000000);
+  }
+  if (atomic_load (&c->complete)) {
+    aclone_clone_release_source (c);
+    atomic_store (&c->rate, 0);
+    aclone_clone_publish (c, ACLONE_STATE_COMPLETE);
+    aclone_clone_log (c, 1, "hydration complete: %llu bytes copied, %llu "
+                      "skipped; source released",
+                      (unsigned long long) atomic_load (&c->bytes_copied),
+                      (unsigned long long) atomic_load (&c->bytes_skipped));
+  }
+}
+
+static void *
+worker (void *arg)
+{
+  struct aclone_hydrator *h = arg;
+
+  zero_scan (h);
+  if (h->ring_ok)
+    run_ring (h);
+  else
+    run_plain (h);
+  if (!atomic_load (&h->stop) && all_hydrated (h))
+    finish (h);
+  return NULL;
+}
+
+int
+aclone_hydrator_start (struct aclone_clone *c,
+                       const struct aclone_hydrator_config *cfg,
+                       struct aclone_error *err)
+{
+  struct aclone_hydrator *h;
+  struct aclone_live *live = c->meta->live;
+  int r;
+
+  if (atomic_load (&c->complete) || c->hydrator)
+    return 0;
+  h = calloc (1, sizeof *h);
+  if (!h)
+    return aclone_error_set (err, ENOMEM, "hydrator");
+  h->c = c;
+  h->cfg = *cfg;
+  h->cfg.depth = MAX (1u, MIN (cfg->depth, ACLONE_HYDRATOR_MAX_DEPTH));
+  h->cfg.batch = MAX ((uint64_t) c->region_size, cfg->batch);
+  h->batch_regions = h->cfg.batch >> c->map.shift;
+
+  /* The command line sets the starting controls; the CLI changes them. */
+  __atomic_store_n (&live->ctl_pause, cfg->start_paused ? 1 : 0, __ATOMIC_RELAXED);
+  __atomic_store_n (&live->ctl_rate, cfg->rate, __ATOMIC_RELAXED);
+  __atomic_store_n (&live->ctl_depth, 0, __ATOMIC_RELAXED);
+
+  if (c->src && c->src->ops->aio_connect) {
+    h->nconns = MAX (1u, MIN (cfg->connections, MAX_CONNS));
+    if (!c->src->multi_conn)
+      h->nconns = 1;
+    h->nbatches = ACLONE_HYDRATOR_MAX_DEPTH;
+    h->batches = calloc (h->nbatches, sizeof *h->batches);
+    unsigned entries = 2 * h->nbatches + 2 * h->nconns;
+    r = h->batches ? io_uring_queue_init (entries, &h->ring, 0) : -ENOMEM;
+    if (r < 0) {
+      free (h->batches);
+      h->batches = NULL;
+      h->nbatches = 0;
+      aclone_clone_log (c, 1, "hydrator: io_uring unavailable (%s), "
+                        "copying without it", strerror (-r));
+    }
+    else
+      h->ring_ok = true;
+  }
+
+  r = pthread_create (&h->thread, NULL, worker, h);
+  if (r != 0) {
+    if (h->ring_ok)
+      io_uring_queue_exit (&h->ring);
+    free (h->batches);
+    free (h);
+    return aclone_error_set (err, r, "cannot start hydrator thread");
+  }
+  c->hydrator = h;
+  return 0;
+}
+
+void
+aclone_hydrator_stop (struct aclone_clone *c)
+{
+  struct aclone_hydrator *h = c->hydrator;
+
+  if (!h)
+    return;
+  atomic_store (&h->stop, true);
+  pthread_join (h->thread, NULL);
+  if (h->ring_ok)
+    io_uring_queue_exit (&h->ring);
+  for (unsigned i = 0; i < h->nbatches; i++)
+    free (h->batches[i].buf);
+  free (h->batches);
+  free (h);
+  c->hydrator = NULL;
+}

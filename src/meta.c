@@ -1,0 +1,448 @@
+/* aclone: the metadata file (see include/aclone/meta.h for the layout).
+ *
+ * Design notes
+ * ------------
+ * The header is validated field by field against the only layout this
+ * version writes: the areas sit at fixed, page-aligned offsets computed
+ * from the region count, and the file length must match exactly.  So a
+ * file that passes validation can be mapped and indexed without further
+ * bounds checks, whatever bytes a hostile or corrupt file holds.
+ *
+ * The header is rewritten only for flag changes (complete, dest-zero),
+ * as a whole page followed by msync; the checksum catches a torn write.
+ * Bits in the bitmaps are only ever set, never cleared, and only by
+ * aclone_meta_commit_bits after the caller made the data durable
+ * (DESIGN.md invariant 1).
+ */
+#include <endian.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <bsd/string.h>
+
+#include "aclone/meta.h"
+
+_Static_assert (sizeof (struct aclone_meta_header) == 376, "header layout");
+_Static_assert (sizeof (struct aclone_live) <= ACLONE_PAGE, "live page layout");
+
+bool
+aclone_region_size_valid (uint64_t v)
+{
+  return v >= (1u << ACLONE_MIN_REGION_SHIFT) &&
+         v <= (1u << ACLONE_MAX_REGION_SHIFT) && (v & (v - 1)) == 0;
+}
+
+static uint64_t
+round_page (uint64_t v)
+{
+  return (v + ACLONE_PAGE - 1) & ~(uint64_t) (ACLONE_PAGE - 1);
+}
+
+/* Layout of a file for `regions` regions: fills the offset fields. */
+static void
+layout (struct aclone_meta_header *h)
+{
+  h->live_off = ACLONE_PAGE;
+  h->hydrated_off = 2 * ACLONE_PAGE;
+  h->bitmap_len = round_page ((h->regions + 7) / 8);
+  h->written_off = h->hydrated_off + h->bitmap_len;
+  h->file_len = h->written_off + h->bitmap_len;
+}
+
+/* Serialise a host-endian header into a little-endian page image,
+ * checksum included.
+ */
+static void
+header_encode (const struct aclone_meta_header *h, void *page)
+{
+  struct aclone_meta_header le = *h;
+
+  le.version = htole32 (h->version);
+  le.header_len = htole32 (h->header_len);
+  le.size = htole64 (h->size);
+  le.region_size = htole32 (h->region_size);
+  le.flags = htole32 (h->flags);
+  le.regions = htole64 (h->regions);
+  le.created = htole64 (h->created);
+  le.completed = htole64 (h->completed);
+  le.live_off = htole64 (h->live_off);
+  le.hydrated_off = htole64 (h->hydrated_off);
+  le.written_off = htole64 (h->written_off);
+  le.bitmap_len = htole64 (h->bitmap_len);
+  le.file_len = htole64 (h->file_len);
+  le.checksum = 0;
+  le.pad = 0;
+  le.checksum = htole32 (aclone_crc32c (&le, sizeof le));
+  memset (page, 0, ACLONE_PAGE);
+  memcpy (page, &le, sizeof le);
+}
+
+int
+aclone_meta_validate (const char *path, const void *page, size_t page_len,
+                      uint64_t file_len, struct aclone_meta_header *out,
+                      struct aclone_error *err)
+{
+  struct aclone_meta_header h, expect;
+
+  if (page_len < sizeof h)
+    return aclone_error_set (err, 0, "%s: too short to be an aclone metadata file",
+                             path);
+  memcpy (&h, page, sizeof h);
+  if (memcmp (h.magic, ACLONE_META_MAGIC, 8) != 0)
+    return aclone_error_set (err, 0, "%s: not an aclone metadata file (bad magic)",
+                             path);
+  if (le32toh (h.version) != ACLONE_META_VERSION)
+    return aclone_error_set (err, 0, "%s: unsupported metadata format version %u "
+                             "(this aclone reads version %u)", path,
+                             le32toh (h.version), ACLONE_META_VERSION);
+  if (le32toh (h.header_len) != ACLONE_HEADER_LEN)
+    return aclone_error_set (err, 0, "%s: corrupt header (header length %u)",
+                             path, le32toh (h.header_len));
+  uint32_t stored = le32toh (h.checksum);
+  struct aclone_meta_header tmp = h;
+  tmp.checksum = 0;
+  if (aclone_crc32c (&tmp, sizeof tmp) != stored)
+    return aclone_error_set (err, 0, "%s: corrupt header (checksum mismatch)", path);
+
+  out->version = ACLONE_META_VERSION;
+  out->header_len = ACLONE_HEADER_LEN;
+  memcpy (out->magic, h.magic, 8);
+  memcpy (out->uuid, h.uuid, 16);
+  out->size = le64toh (h.size);
+  out->region_size = le32toh (h.region_size);
+  out->flags = le32toh (h.flags);
+  out->regions = le64toh (h.regions);
+  out->created = le64toh (h.created);
+  out->completed = le64toh (h.completed);
+  out->live_off = le64toh (h.live_off);
+  out->hydrated_off = le64toh (h.hydrated_off);
+  out->written_off = le64toh (h.written_off);
+  out->bitmap_len = le64toh (h.bitmap_len);
+  out->file_len = le64toh (h.file_len);
+  memcpy (out->source, h.source, sizeof out->source);
+  out->checksum = stored;
+  out->pad = 0;
+
+  /* A valid checksum over nonsense is still nonsense: check every field. */
+  if (!aclone_region_size_valid (out->region_size))
+    return aclone_error_set (err, 0, "%s: corrupt header (region size %u)",
+                             path, out->region_size);
+  if (out->size == 0 || out->size > (UINT64_C (1) << 60))
+    return aclone_error_set (err, 0, "%s: corrupt header (device size %llu)",
+                             path, (unsigned long long) out->size);
+  if (out->regions != aclone_region_count (out->size, out->region_size))
+    return aclone_error_set (err, 0, "%s: corrupt header (region count)", path);
+  if (out->flags & ~(ACLONE_FLAG_COMPLETE | ACLONE_FLAG_DEST_ZERO))
+    return aclone_error_set (err, 0, "%s: unknown header flags 0x%x", path,
+                             out->flags);
+  if (memchr (out->source, '\0', sizeof out->source) == NULL)
+    return aclone_error_set (err, 0, "%s: corrupt header (source text)", path);
+  expect = *out;
+  layout (&expect);
+  if (expect.live_off != out->live_off || expect.hydrated_off != out->hydrated_off ||
+      expect.written_off != out->written_off ||
+      expect.bitmap_len != out->bitmap_len || expect.file_len != out->file_len)
+    return aclone_error_set (err, 0, "%s: corrupt header (area layout)", path);
+  if (file_len != out->file_len)
+    return aclone_error_set (err, 0, "%s: file is %llu bytes, header says %llu "
+                             "(truncated or extended)", path,
+                             (unsigned long long) file_len,
+                             (unsigned long long) out->file_len);
+  return 0;
+}
+
+/* Map a validated file and fill in the pointers. */
+static int
+meta_map (struct aclone_meta *m, struct aclone_error *err)
+{
+  int prot = PROT_READ | (m->writable ? PROT_WRITE : 0);
+
+  m->map_len = m->hdr.file_len;
+  m->map = mmap (NULL, m->map_len, prot, MAP_SHARED, m->fd, 0);
+  if (m->map == MAP_FAILED) {
+    m->map = NULL;
+    return aclone_error_set (err, errno, "%s: mmap", m->path);
+  }
+  m->live = (struct aclone_live *) (m->map + m->hdr.live_off);
+  m->hydrated = (uint64_t *) (m->map + m->hdr.hydrated_off);
+  m->written = (uint64_t *) (m->map + m->hdr.written_off);
+  return 0;
+}
+
+static struct aclone_meta *
+meta_alloc (const char *path)
+{
+  struct aclone_meta *m = calloc (1, sizeof *m);
+  if (!m)
+    return NULL;
+  m->fd = -1;
+  m->path = strdup (path);
+  if (!m->path) {
+    free (m);
+    return NULL;
+  }
+  return m;
+}
+
+int
+aclone_meta_create (const char *path, uint64_t size, uint32_t region_size,
+                    uint32_t flags, const char *source_desc,
+                    struct aclone_meta **out, struct aclone_error *err)
+{
+  struct aclone_meta *m;
+  struct aclone_meta_header h;
+  unsigned char page[ACLONE_PAGE];
+  char *tmp = NULL;
+  int r;
+
+  if (!aclone_region_size_valid (region_size) || size == 0)
+    return aclone_error_set (err, 0, "%s: invalid geometry", path);
+  m = meta_alloc (path);
+  if (!m || asprintf (&tmp, "%s.tmpXXXXXX", path) < 0) {
+    aclone_meta_close (m);
+    return aclone_error_set (err, ENOMEM, "%s", path);
+  }
+
+  memset (&h, 0, sizeof h);
+  memcpy (h.magic, ACLONE_META_MAGIC, 8);
+  h.version = ACLONE_META_VERSION;
+  h.header_len = ACLONE_HEADER_LEN;
+  if (getrandom (h.uuid, sizeof h.uuid, 0) != sizeof h.uuid) {
+    r = aclone_error_set (err, errno, "%s: getrandom", path);
+    goto fail;
+  }
+  h.uuid[6] = (h.uuid[6] & 0x0f) | 0x40;      /* RFC 4122 version 4 */
+  h.uuid[8] = (h.uuid[8] & 0x3f) | 0x80;
+  h.size = size;
+  h.region_size = region_size;
+  h.flags = flags;
+  h.regions = aclone_region_count (size, region_size);
+  h.created = time (NULL);
+  strlcpy (h.source, source_desc ? source_desc : "", sizeof h.source);
+  layout (&h);
+
+  /* 1. Build the whole file under a temporary name. */
+  m->fd = mkostemp (tmp, O_CLOEXEC);       /* mode 0600 */
+  if (m->fd < 0) {
+    r = aclone_error_set (err, errno, "%s: cannot create", path);
+    free (tmp);
+    tmp = NULL;
+    goto fail;
+  }
+  if (ftruncate (m->fd, h.file_len) < 0) {
+    r = aclone_error_set (err, errno, "%s: ftruncate", path);
+    goto fail;
+  }
+  header_encode (&h, page);
+  if (pwrite (m->fd, page, ACLONE_PAGE, 0) != ACLONE_PAGE) {
+    r = aclone_error_set (err, errno ? errno : EIO, "%s: write header", path);
+    goto fail;
+  }
+  memset (page, 0, sizeof page);
+  uint64_t live_magic = htole64 (ACLONE_LIVE_MAGIC);
+  memcpy (page, &live_magic, sizeof live_magic);
+  if (pwrite (m->fd, page, ACLONE_PAGE, h.live_off) != ACLONE_PAGE) {
+    r = aclone_error_set (err, errno ? errno : EIO, "%s: write live page", path);
+    goto fail;
+  }
+  /* 2. Make it durable and lock it before anyone can see it. */
+  if (fsync (m->fd) < 0) {
+    r = aclone_error_set (err, errno, "%s: fsync", path);
+    goto fail;
+  }
+  if (flock (m->fd, LOCK_EX | LOCK_NB) < 0) {
+    r = aclone_error_set (err, errno, "%s: lock", path);
+    goto fail;
+  }
+  m->locked = true;
+  /* 3. Publish it, never replacing a file that appeared meanwhile. */
+  if (renameat2 (AT_FDCWD, tmp, AT_FDCWD, path, RENAME_NOREPLACE) < 0) {
+    r = aclone_error_set (err, errno, "%s: cannot create", path);
+    goto fail;
+  }
+  free (tmp);
+  tmp = NULL;
+  /* 4. Sync the directory so the name survives a crash. */
+  {
+    char *dir = strdup (path), *slash;
+    if (dir) {
+      slash = strrchr (dir, '/');
+      const char *d = slash ? (slash == dir ? "/" : (*slash = '\0', dir)) : ".";
+      int dfd = open (d, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+      if (dfd >= 0) {
+        fsync (dfd);
+        close (dfd);
+      }
+      free (dir);
+    }
+  }
+  m->hdr = h;
+  m->writable = true;
+  r = meta_map (m, err);
+  if (r < 0)
+    goto fail;
+  *out = m;
+  return 0;
+
+ fail:
+  if (tmp) {
+    unlink (tmp);
+    free (tmp);
+  }
+  aclone_meta_close (m);
+  return r;
+}
+
+int
+aclone_meta_open (const char *path, enum aclone_meta_mode mode,
+                  struct aclone_meta **out, struct aclone_error *err)
+{
+  struct aclone_meta *m;
+  unsigned char page[ACLONE_PAGE];
+  struct stat st;
+  ssize_t n;
+  int r;
+
+  m = meta_alloc (path);
+  if (!m)
+    return aclone_error_set (err, ENOMEM, "%s", path);
+  m->writable = mode != ACLONE_META_READ;
+  m->fd = open (path, (m->writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NOFOLLOW);
+  if (m->fd < 0) {
+    r = aclone_error_set (err, errno, "%s", path);
+    goto fail;
+  }
+  if (fstat (m->fd, &st) < 0) {
+    r = aclone_error_set (err, errno, "%s: stat", path);
+    goto fail;
+  }
+  if (!S_ISREG (st.st_mode)) {
+    r = aclone_error_set (err, 0, "%s: not a regular file", path);
+    goto fail;
+  }
+  memset (page, 0, sizeof page);
+  n = pread (m->fd, page, sizeof page, 0);
+  if (n < 0) {
+    r = aclone_error_set (err, errno, "%s: read", path);
+    goto fail;
+  }
+  r = aclone_meta_validate (path, page, n, st.st_size, &m->hdr, err);
+  if (r < 0)
+    goto fail;
+  if (mode == ACLONE_META_SERVER) {
+    if (flock (m->fd, LOCK_EX | LOCK_NB) < 0) {
+      if (errno == EWOULDBLOCK) {
+        int64_t pid = 0;
+        pread (m->fd, &pid, sizeof pid,
+               m->hdr.live_off + offsetof (struct aclone_live, pid));
+        r = aclone_error_set (err, EBUSY, "%s: in use by another aclone server "
+                              "(pid %lld)", path, (long long) le64toh (pid));
+        r = -EBUSY;
+      }
+      else
+        r = aclone_error_set (err, errno, "%s: lock", path);
+      goto fail;
+    }
+    m->locked = true;
+  }
+  r = meta_map (m, err);
+  if (r < 0)
+    goto fail;
+  *out = m;
+  return 0;
+
+ fail:
+  aclone_meta_close (m);
+  return r;
+}
+
+int
+aclone_meta_set_flags (struct aclone_meta *m, uint32_t flags,
+                       struct aclone_error *err)
+{
+  m->hdr.flags = flags;
+  if (flags & ACLONE_FLAG_COMPLETE) {
+    if (!m->hdr.completed)
+      m->hdr.completed = time (NULL);
+  }
+  else
+    m->hdr.completed = 0;
+  header_encode (&m->hdr, m->map);
+  if (msync (m->map, ACLONE_PAGE, MS_SYNC) < 0)
+    return aclone_error_set (err, errno, "%s: msync header", m->path);
+  return 0;
+}
+
+int
+aclone_meta_commit_bits (struct aclone_meta *m, int which,
+                         const uint64_t *index, const uint64_t *words,
+                         size_t n, struct aclone_error *err)
+{
+  uint64_t *bm = which ? m->written : m->hydrated;
+  uint64_t nwords = m->hdr.bitmap_len / 8;
+  uint64_t lo = UINT64_MAX, hi = 0;
+
+  if (n == 0)
+    return 0;
+  for (size_t i = 0; i < n; i++) {
+    uint64_t k = index[i];
+    if (k >= nwords)
+      return aclone_error_set (err, ERANGE, "%s: bitmap index", m->path);
+    bm[k] = htole64 (le64toh (bm[k]) | words[i]);
+    if (k < lo) lo = k;
+    if (k > hi) hi = k;
+  }
+  /* One msync over the touched span: the kernel writes back only the
+   * dirty pages in it, so a sparse span costs no more than its pages.
+   */
+  uintptr_t start = (uintptr_t) &bm[lo] & ~(uintptr_t) (ACLONE_PAGE - 1);
+  uintptr_t end = ((uintptr_t) &bm[hi] + 8 + ACLONE_PAGE - 1)
+                  & ~(uintptr_t) (ACLONE_PAGE - 1);
+  if (msync ((void *) start, end - start, MS_SYNC) < 0)
+    return aclone_error_set (err, errno, "%s: msync bitmap", m->path);
+  return 0;
+}
+
+bool
+aclone_meta_bit (const struct aclone_meta *m, int which, uint64_t region)
+{
+  const uint64_t *bm = which ? m->written : m->hydrated;
+  return (le64toh (bm[region / 64]) >> (region % 64)) & 1;
+}
+
+bool
+aclone_meta_in_use (const char *path)
+{
+  int fd = open (path, O_RDONLY | O_CLOEXEC);
+  bool busy = false;
+
+  if (fd < 0)
+    return false;
+  if (flock (fd, LOCK_SH | LOCK_NB) < 0)
+    busy = errno == EWOULDBLOCK;
+  close (fd);        /* drops our shared lock, if we got it */
+  return busy;
+}
+
+void
+aclone_meta_close (struct aclone_meta *m)
+{
+  if (!m)
+    return;
+  if (m->map)
+    munmap (m->map, m->map_len);
+  if (m->fd >= 0)
+    close (m->fd);          /* releases the flock */
+  free (m->path);
+  free (m);
+}
