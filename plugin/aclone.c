@@ -238,8 +238,11 @@ aclone_after_fork (void)
 {
   struct aclone_error err = { 0 };
 
-  if (aclone_clone_start (the_clone, &err) < 0 ||
-      aclone_hydrator_start (the_clone, &hcfg, &err) < 0) {
+  /* The hydrator sets the live page's controls; start it first so that
+   * the first published state already reflects them.
+   */
+  if (aclone_hydrator_start (the_clone, &hcfg, &err) < 0 ||
+      aclone_clone_start (the_clone, &err) < 0) {
     nbdkit_error ("%s", err.msg);
     return -1;
   }

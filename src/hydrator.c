@@ -273,6 +273,8 @@ zero_scan (struct aclone_hydrator *h)
   while (z.pos < c->size && !atomic_load (&h->stop)) {
     while (paused (h) && !atomic_load (&h->stop))
       nap (50000000);
+    if (atomic_load (&h->stop))
+      return;
     uint64_t start = z.pos;
     pthread_rwlock_rdlock (&c->src_lock);
     int r = c->src ? c->src->ops->extents (c->src, start, c->size - start,
@@ -832,6 +834,10 @@ aclone_hydrator_stop (struct aclone_clone *c)
   if (!h)
     return;
   atomic_store (&h->stop, true);
+  pthread_rwlock_rdlock (&c->src_lock);
+  if (c->src)
+    atomic_store (&c->src->cancelled, true);
+  pthread_rwlock_unlock (&c->src_lock);
   pthread_join (h->thread, NULL);
   if (h->ring_ok)
     io_uring_queue_exit (&h->ring);

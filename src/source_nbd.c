@@ -179,6 +179,8 @@ with_retry (struct nbd_source *s, struct call *c)
   bool waited = false;
 
   for (;;) {
+    if (atomic_load (&s->base.cancelled))
+      return -ESHUTDOWN;
     struct nbd_handle *h = acquire (s);
     if (h) {
       int r = run_call (h, c);
@@ -196,12 +198,22 @@ with_retry (struct nbd_source *s, struct call *c)
     atomic_compare_exchange_strong (&s->base.outage_since_ns, &zero,
                                     aclone_wall_ns ());
     waited = true;
-    unsigned long long now = aclone_now_ns ();
-    if (now >= deadline)
+    unsigned long long until = aclone_now_ns () + backoff;
+    if (until > deadline)
+      until = deadline;
+    /* Sleep in slices so that a shutdown is not held up. */
+    for (;;) {
+      unsigned long long now = aclone_now_ns ();
+      if (atomic_load (&s->base.cancelled))
+        return -ESHUTDOWN;
+      if (now >= until)
+        break;
+      unsigned long long nap = until - now < 100000000ull ? until - now : 100000000ull;
+      struct timespec ts = { 0, (long) nap };
+      nanosleep (&ts, NULL);
+    }
+    if (aclone_now_ns () >= deadline)
       return -EIO;
-    unsigned long long nap = backoff < deadline - now ? backoff : deadline - now;
-    struct timespec ts = { nap / 1000000000ull, nap % 1000000000ull };
-    nanosleep (&ts, NULL);
     backoff = backoff * 2 > 2000000000ull ? 2000000000ull : backoff * 2;
   }
 }

@@ -48,6 +48,8 @@ struct aclone_source {
   char desc[256];              /* URI without query string: no secrets */
   /* Set by the pool, read by status reporting. */
   _Atomic unsigned long long outage_since_ns; /* 0 = connected */
+  /* Set at shutdown: calls waiting for a lost source give up at once. */
+  _Atomic bool cancelled;
 };
 
 struct aclone_source_config {

@@ -1,0 +1,233 @@
+"""Shared helpers for aclone's integration tests.
+
+Every server a test starts runs in the foreground under --exit-with-parent,
+is registered with the test case, and is stopped in tearDown with bounded
+waits (SIGTERM, then SIGKILL).  Only Unix sockets in a private temporary
+directory are used.
+"""
+import hashlib
+import json
+import os
+import random
+import signal
+import shutil
+import subprocess
+import tempfile
+import time
+import unittest
+
+import nbd
+
+PLUGIN = os.environ.get("ACLONE_PLUGIN", "build/plugin/aclone.so")
+CLI = os.environ.get("ACLONE_CLI", "build/src/aclone")
+# A sanitizer build's plugin needs its runtime preloaded into nbdkit (and
+# the CLI); the test process itself runs without it.
+SANITIZER_ENV = {}
+if os.environ.get("ACLONE_TEST_PRELOAD"):
+    SANITIZER_ENV["LD_PRELOAD"] = os.environ["ACLONE_TEST_PRELOAD"]
+START_TIMEOUT = 20
+STOP_TIMEOUT = 10
+
+
+def wait_for(pred, timeout, what, interval=0.02):
+    """Poll pred() until it is true; fail after timeout seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > end:
+            raise AssertionError("timed out after %ss waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+class Server:
+    """An nbdkit process serving on a Unix socket."""
+
+    def __init__(self, tmp, name, args, env=None):
+        self.name = name
+        self.sock = os.path.join(tmp, name + ".sock")
+        self.pidfile = os.path.join(tmp, name + ".pid")
+        self.logpath = os.path.join(tmp, name + ".log")
+        for p in (self.sock, self.pidfile):
+            if os.path.exists(p):
+                os.unlink(p)
+        self.args = args
+        e = dict(os.environ)
+        if env:
+            e.update(env)
+        self.log = open(self.logpath, "ab")
+        cmd = ["nbdkit", "-f", "--exit-with-parent", "-U", self.sock,
+               "-P", self.pidfile] + args
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=e)
+        try:
+            wait_for(lambda: os.path.exists(self.pidfile) or self.proc.poll() is not None,
+                     START_TIMEOUT, "nbdkit %s to start" % name)
+        except AssertionError:
+            self.stop(signal.SIGKILL)
+            raise
+        if self.proc.poll() is not None:
+            self.log.close()
+            raise RuntimeError("nbdkit %s exited with %s:\n%s" %
+                               (name, self.proc.returncode, self.output()))
+
+    @property
+    def uri(self):
+        return "nbd+unix:///?socket=" + self.sock
+
+    def output(self):
+        try:
+            with open(self.logpath, "rb") as f:
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def stop(self, sig=signal.SIGTERM, timeout=STOP_TIMEOUT):
+        """Stop the server; returns seconds it took to exit."""
+        t0 = time.monotonic()
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(sig)
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(STOP_TIMEOUT)
+        if not self.log.closed:
+            self.log.close()
+        return time.monotonic() - t0
+
+    def connect(self):
+        h = nbd.NBD()
+        h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+        h.connect_unix(self.sock)
+        return h
+
+
+def write_random_file(path, size, seed=1, sparse_chunks=None):
+    """Random data; with sparse_chunks=(chunk, keep_every), only every
+    keep_every-th chunk holds data and the rest are holes."""
+    rnd = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        if sparse_chunks is None:
+            pos = 0
+            while pos < size:
+                n = min(4 << 20, size - pos)
+                f.write(rnd.randbytes(n))
+                pos += n
+        else:
+            chunk, every = sparse_chunks
+            for i, pos in enumerate(range(0, size, chunk)):
+                if i % every == 0:
+                    f.seek(pos)
+                    f.write(rnd.randbytes(min(chunk, size - pos)))
+
+
+def sha(path_or_bytes):
+    h = hashlib.sha256()
+    if isinstance(path_or_bytes, (bytes, bytearray)):
+        h.update(path_or_bytes)
+    else:
+        with open(path_or_bytes, "rb") as f:
+            while True:
+                b = f.read(1 << 20)
+                if not b:
+                    break
+                h.update(b)
+    return h.hexdigest()
+
+
+def read_all(h):
+    size = h.get_size()
+    out = bytearray()
+    pos = 0
+    while pos < size:
+        n = min(16 << 20, size - pos)
+        out += h.pread(n, pos)
+        pos += n
+    return bytes(out)
+
+
+def cli(*args, check=True, timeout=60):
+    p = subprocess.run([CLI] + list(args), capture_output=True, text=True,
+                       timeout=timeout, env=dict(os.environ, **SANITIZER_ENV))
+    if check and p.returncode != 0:
+        raise AssertionError("aclone %s failed (%d): %s" % (" ".join(args),
+                                                           p.returncode, p.stderr))
+    return p
+
+
+def status(meta):
+    return json.loads(cli("status", "--json", meta).stdout)
+
+
+class CloneTest(unittest.TestCase):
+    """Base class: a temp dir, servers stopped at teardown."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="aclone-it-")
+        self.servers = []
+        self.cleanups = []
+        self.dest = os.path.join(self.tmp, "dest.img")
+        self.meta = os.path.join(self.tmp, "clone.meta")
+
+    def tearDown(self):
+        for fn in reversed(self.cleanups):
+            try:
+                fn()
+            except Exception as e:          # keep cleaning up
+                print("cleanup failed:", e)
+        failed = False
+        outcome = getattr(self, "_outcome", None)
+        if outcome is not None:
+            result = getattr(outcome, "result", None)
+            errs = getattr(result, "errors", []) + getattr(result, "failures", [])
+            failed = any(t is self for t, _ in errs)
+        for s in reversed(self.servers):      # clients before their sources
+            s.stop()
+            if failed:
+                print("---- log of %s ----\n%s" % (s.name, s.output()[-4000:]))
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def server(self, name, args, env=None):
+        s = Server(self.tmp, name, args, env)
+        self.servers.append(s)
+        return s
+
+    def source_file(self, path, name="source", filters=(), extra=()):
+        args = ["--filter=%s" % f for f in filters] + ["file", path] + list(extra)
+        return self.server(name, args)
+
+    def clone(self, source=None, name="clone", dest=None, meta=None, **params):
+        args = [PLUGIN]
+        if source is not None:
+            args.append("source=" + (source.uri if isinstance(source, Server) else source))
+        args += ["dest=" + (dest or self.dest), "meta=" + (meta or self.meta)]
+        for k, v in params.items():
+            args.append("%s=%s" % (k.replace("_", "-"), v))
+        env = {}
+        env.update(SANITIZER_ENV)
+        return self.server(name, args, env)
+
+    def status_becomes(self, timeout=5, **want):
+        """The live page is published once a second: wait until the status
+        shows every key=value in want, or fail showing the last status."""
+        last = {}
+
+        def ok():
+            last.clear()
+            last.update(status(self.meta))
+            return all(last.get(k) == v for k, v in want.items())
+        try:
+            wait_for(ok, timeout, "status %s" % want, interval=0.1)
+        except AssertionError:
+            raise AssertionError("status never showed %s; last: %s" % (want, last))
+        return dict(last)
+
+    def wait_complete(self, timeout=60):
+        return wait_for(lambda: status(self.meta)["state"] == "complete", timeout,
+                        "hydration to complete", interval=0.1)
