@@ -55,9 +55,11 @@ static int
 parse_size (const char *key, const char *value, uint64_t min, uint64_t max,
             uint64_t *out)
 {
-  int64_t v = nbdkit_parse_size (value);
-  if (v < 0)
+  long long v = aclone_parse_size (value);
+  if (v < 0) {
+    nbdkit_error ("%s=%s: not a size (examples: 65536, 64K, 1M)", key, value);
     return -1;
+  }
   if ((uint64_t) v < min || (uint64_t) v > max) {
     nbdkit_error ("%s=%s: out of range", key, value);
     return -1;
@@ -69,10 +71,11 @@ parse_size (const char *key, const char *value, uint64_t min, uint64_t max,
 static int
 parse_bool (const char *key, const char *value, bool *out)
 {
-  int b = nbdkit_parse_bool (value);
-  if (b < 0)
+  int b = aclone_parse_bool (value);
+  if (b < 0) {
+    nbdkit_error ("%s=%s: expected true or false", key, value);
     return -1;
-  (void) key;
+  }
   *out = b;
   return 0;
 }

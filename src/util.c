@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 
 #include "aclone/error.h"
@@ -77,6 +78,21 @@ aclone_parse_size (const char *str)
   if (shift && v > ((unsigned long long) INT64_MAX >> shift))
     return -1;
   return (long long) (v << shift);
+}
+
+int
+aclone_parse_bool (const char *str)
+{
+  static const char *const yes[] = { "1", "true", "yes", "on" };
+  static const char *const no[] = { "0", "false", "no", "off" };
+
+  for (size_t i = 0; i < 4; i++) {
+    if (strcasecmp (str, yes[i]) == 0)
+      return 1;
+    if (strcasecmp (str, no[i]) == 0)
+      return 0;
+  }
+  return -1;
 }
 
 static unsigned long long

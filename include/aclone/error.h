@@ -29,6 +29,9 @@ unsigned aclone_crc32c (const void *buf, size_t len);
  */
 long long aclone_parse_size (const char *str);
 
+/* Parse 1/0, true/false, yes/no, on/off (any case): 1, 0, or -1. */
+int aclone_parse_bool (const char *str);
+
 /* Monotonic and wall clocks in nanoseconds. */
 unsigned long long aclone_now_ns (void);
 unsigned long long aclone_wall_ns (void);

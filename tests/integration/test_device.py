@@ -9,7 +9,7 @@ import unittest
 
 import nbd
 
-from harness import (CloneTest, cli, read_all, sha, status, wait_for,
+from harness import (CloneTest, cli, main, read_all, sha, status, wait_for,
                      write_random_file, PLUGIN)
 
 MiB = 1 << 20
@@ -237,4 +237,4 @@ class DeviceTest(CloneTest):
 
 
 if __name__ == "__main__":
-    unittest.main(verbosity=2)
+    main()

@@ -229,6 +229,9 @@ test_region_sizes (void **state)
   assert_int_equal (aclone_parse_size (""), -1);
   assert_int_equal (aclone_parse_size ("99999999999999999999"), -1);
   assert_int_equal (aclone_crc32c ("123456789", 9), 0xe3069283);
+  assert_int_equal (aclone_parse_bool ("TRUE"), 1);
+  assert_int_equal (aclone_parse_bool ("off"), 0);
+  assert_int_equal (aclone_parse_bool ("maybe"), -1);
 }
 
 int
