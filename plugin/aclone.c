@@ -195,12 +195,17 @@ aclone_dump_plugin (void)
           "hydrate-batch,hydrate-depth\n");
 }
 
+/* Errors through nbdkit_error (stderr or syslog, as nbdkit logs);
+ * information, like the completion line, on stderr; debug with -v.
+ */
 static void
 log_to_nbdkit (void *opaque, int level, const char *msg)
 {
   (void) opaque;
   if (level >= 2)
     nbdkit_error ("%s", msg);
+  else if (level == 1)
+    fprintf (stderr, "nbdkit: aclone: %s\n", msg);
   else
     nbdkit_debug ("%s", msg);
 }
