@@ -534,6 +534,8 @@ aclone_clone_extents (struct aclone_clone *c, uint32_t count, uint64_t offset,
   return ret;
 }
 
+static enum aclone_state current_state (struct aclone_clone *c);
+
 int
 aclone_clone_commit (struct aclone_clone *c)
 {
@@ -601,6 +603,8 @@ aclone_clone_commit (struct aclone_clone *c)
   aclone_map_return_dirty (&c->map, ACLONE_BIT_HYDRATED, c->ci, c->cw, nh);
   aclone_map_return_dirty (&c->map, ACLONE_BIT_WRITTEN, c->wi, c->ww, nw);
  out:
+  /* Keep the live page at least as fresh as the committed bitmap. */
+  aclone_clone_publish (c, current_state (c));
   pthread_mutex_unlock (&c->commit_lock);
   return r;
 }

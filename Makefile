@@ -1,0 +1,79 @@
+# aclone: thin wrapper over meson for the README's Quick start.
+#
+#   make demo     clone a disk holding ext4, read a file from the clone
+#   make check    unit + integration tests, then again under ASan/UBSan
+#
+# Both install missing Debian packages first (when run as root).
+
+BUILD     ?= build
+SAN_BUILD ?= build-san
+MESON     ?= meson
+
+DEBS = gcc pkg-config meson ninja-build \
+       nbdkit nbdkit-plugin-dev libnbd-dev libnbd-bin nbdfuse python3-libnbd \
+       liburing-dev libbsd-dev libcmocka-dev \
+       qemu-utils e2fsprogs fuse3 util-linux
+
+.PHONY: all deps build demo check check-fast check-san install clean
+
+all: build
+
+deps:
+	@missing=""; \
+	for p in $(DEBS); do \
+	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' \
+	    || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "Installing Debian packages:$$missing"; \
+	    apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  else \
+	    echo "Missing Debian packages (install them, or run as root):$$missing" >&2; \
+	    exit 1; \
+	  fi; \
+	fi
+
+$(BUILD)/build.ninja:
+	$(MESON) setup $(BUILD)
+
+build: deps $(BUILD)/build.ninja
+	$(MESON) compile -C $(BUILD)
+
+demo: build
+	bash tests/demo.sh
+
+# Unit and integration tests on the normal build.
+check-fast: build
+	$(MESON) test -C $(BUILD) --print-errorlogs --num-processes 2 || true
+	@python3 tests/summary.py $(BUILD)/meson-logs/testlog.json
+
+# The same under AddressSanitizer + UndefinedBehaviorSanitizer.  The plugin
+# is loaded by an uninstrumented nbdkit, so the ASan runtime is preloaded
+# into it (ACLONE_TEST_PRELOAD); leak checks run on the unit tests.
+$(SAN_BUILD)/build.ninja:
+	$(MESON) setup $(SAN_BUILD) -Db_sanitize=address,undefined -Db_lundef=false \
+	  -Dc_args=-fno-sanitize-recover=all -Dc_link_args=-fno-sanitize-recover=all
+
+check-san: deps $(SAN_BUILD)/build.ninja
+	$(MESON) compile -C $(SAN_BUILD)
+	ACLONE_TEST_PRELOAD="$$(gcc -print-file-name=libasan.so)" \
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	ACLONE_STRESS_SECONDS=4 \
+	  $(MESON) test -C $(SAN_BUILD) --print-errorlogs --num-processes 2 || true
+	@python3 tests/summary.py $(SAN_BUILD)/meson-logs/testlog.json
+
+check: build
+	@$(MAKE) --no-print-directory check-fast; a=$$?; \
+	 $(MAKE) --no-print-directory check-san; b=$$?; \
+	 python3 tests/summary.py $(BUILD)/meson-logs/testlog.json \
+	   $(SAN_BUILD)/meson-logs/testlog.json | sed 's/^/all: /'; \
+	 [ $$a = 0 ] && [ $$b = 0 ]
+
+install: build
+	$(MESON) install -C $(BUILD)
+
+clean:
+	rm -rf $(BUILD) $(SAN_BUILD)
