@@ -57,6 +57,7 @@ struct status {
   uint64_t hydrated;
   uint64_t bytes_copied, bytes_skipped, in_flight, errors, rate;
   int64_t pid;
+  double updated;              /* unix time of the live page's last update */
   const char *state;
   char last_error[256];
   double percent;
@@ -101,6 +102,7 @@ read_status (const char *path, const struct aclone_meta *m, struct status *s)
       s->in_flight = live_u64 (&l->in_flight);
       s->rate = live_u64 (&l->rate);
     }
+    s->updated = live_u64 (&l->heartbeat_ns) / 1e9;
     s->bytes_copied = live_u64 (&l->bytes_copied);
     s->bytes_skipped = live_u64 (&l->bytes_skipped);
     s->errors = live_u64 (&l->errors);
@@ -201,13 +203,13 @@ cmd_status (int argc, char **argv)
             "\"hydrated\": %llu, \"percent\": %.2f, \"bytes_copied\": %llu, "
             "\"bytes_skipped\": %llu, \"in_flight\": %llu, \"state\": \"%s\", "
             "\"pid\": %lld, \"rate\": %llu, \"eta_seconds\": %lld, "
-            "\"errors\": %llu, \"last_error\": ",
+            "\"updated\": %.3f, \"errors\": %llu, \"last_error\": ",
             (unsigned long long) s.hdr.size, s.hdr.region_size,
             (unsigned long long) s.hdr.regions, (unsigned long long) s.hydrated,
             s.percent, (unsigned long long) s.bytes_copied,
             (unsigned long long) s.bytes_skipped,
             (unsigned long long) s.in_flight, s.state, (long long) s.pid,
-            (unsigned long long) s.rate, (long long) s.eta,
+            (unsigned long long) s.rate, (long long) s.eta, s.updated,
             (unsigned long long) s.errors);
     json_string (s.last_error);
     printf (", \"source\": ");

@@ -640,6 +640,8 @@ current_state (struct aclone_clone *c)
     return ACLONE_STATE_COMPLETE;
   if (c->src && atomic_load (&c->src->outage_since_ns))
     return ACLONE_STATE_WAITING;
+  if (atomic_load (&c->failing))
+    return ACLONE_STATE_ERROR;
   if (__atomic_load_n (&c->meta->live->ctl_pause, __ATOMIC_RELAXED))
     return ACLONE_STATE_PAUSED;
   return ACLONE_STATE_HYDRATING;

@@ -187,12 +187,14 @@ failed (struct aclone_hydrator *h)
   h->backoff_ns = h->backoff_ns ? MIN (h->backoff_ns * 2, BACKOFF_MAX_NS)
                                 : BACKOFF_MIN_NS;
   h->resume_at = aclone_now_ns () + h->backoff_ns;
+  atomic_store (&h->c->failing, true);
 }
 
 static void
 succeeded (struct aclone_hydrator *h)
 {
   h->backoff_ns = 0;
+  atomic_store (&h->c->failing, false);
 }
 
 /* Update the copy rate the live page shows, about once a second. */

@@ -23,7 +23,12 @@ CLI = os.environ.get("ACLONE_CLI", "build/src/aclone")
 # A sanitizer build's plugin needs its runtime preloaded into nbdkit (and
 # the CLI); the test process itself runs without it.
 SANITIZER_ENV = {}
-if os.environ.get("ACLONE_TEST_PRELOAD"):
+# Under the preload, an nbdkit that exits with an error after loading
+# libnbd deadlocks in p11-kit's destructor (seen with nbdkit's own nbd
+# plugin too): tests that expect nbdkit to fail at startup are skipped
+# in the sanitizer run; their code paths run under ASan in the unit tests.
+SANITIZED = bool(os.environ.get("ACLONE_TEST_PRELOAD"))
+if SANITIZED:
     SANITIZER_ENV["LD_PRELOAD"] = os.environ["ACLONE_TEST_PRELOAD"]
 START_TIMEOUT = 20
 STOP_TIMEOUT = 10
@@ -163,6 +168,20 @@ def cli(*args, check=True, timeout=60):
 
 def status(meta):
     return json.loads(cli("status", "--json", meta).stdout)
+
+
+def copy_rate(meta, seconds):
+    """Bytes/s copied over about `seconds`, measured between two updates
+    of the live page (published once a second) by their own timestamps."""
+    a = status(meta)
+    wait_for(lambda: status(meta)["updated"] > a["updated"], 5, "live page update")
+    a = status(meta)
+    time.sleep(seconds)
+    b = a
+    wait_for(lambda: status(meta)["updated"] > a["updated"] + seconds - 0.5, 5,
+             "live page update")
+    b = status(meta)
+    return (b["bytes_copied"] - a["bytes_copied"]) / (b["updated"] - a["updated"])
 
 
 class CloneTest(unittest.TestCase):

@@ -6,8 +6,8 @@ import struct
 import subprocess
 import unittest
 
-from harness import (CloneTest, PLUGIN, SANITIZER_ENV, main, patch_header, sha,
-                     write_random_file)
+from harness import (CloneTest, PLUGIN, SANITIZED, SANITIZER_ENV, main,
+                     patch_header, sha, write_random_file)
 
 MiB = 1 << 20
 
@@ -25,6 +25,8 @@ def snapshot(*paths):
     return out
 
 
+@unittest.skipIf(SANITIZED, "nbdkit error exits hang under the ASan preload "
+                 "(see harness.py); covered by the unit tests under ASan")
 class BadInputTest(CloneTest):
 
     def setUp(self):

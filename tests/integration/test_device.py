@@ -10,7 +10,7 @@ import unittest
 import nbd
 
 from harness import (CloneTest, cli, main, read_all, sha, status, wait_for,
-                     write_random_file, PLUGIN)
+                     write_random_file, PLUGIN, SANITIZED, SANITIZER_ENV)
 
 MiB = 1 << 20
 RS = 64 * 1024
@@ -207,10 +207,11 @@ class DeviceTest(CloneTest):
         # Plain text status names the state too.
         self.assertIn("state:         paused", cli("status", self.meta).stdout)
         # A second server on the same meta is refused.
-        with self.assertRaises(RuntimeError) as e:
-            self.clone(src, name="clone2", dest=os.path.join(self.tmp, "d2"))
-        self.assertIn("in use", str(e.exception))
-        self.assertIn(self.meta, str(e.exception))
+        if not SANITIZED:                    # see harness.SANITIZED
+            with self.assertRaises(RuntimeError) as e:
+                self.clone(src, name="clone2", dest=os.path.join(self.tmp, "d2"))
+            self.assertIn("in use", str(e.exception))
+            self.assertIn(self.meta, str(e.exception))
         ins = cli("inspect", "--map", self.meta).stdout
         self.assertIn("valid:         yes", ins)
         self.assertIn("in use:        yes", ins)
@@ -219,13 +220,14 @@ class DeviceTest(CloneTest):
         self.assertEqual(status(self.meta)["state"], "stopped")
 
     def test_plugin_help_and_dump(self):
+        env = dict(os.environ, **SANITIZER_ENV)
         p = subprocess.run(["nbdkit", PLUGIN, "--help"], capture_output=True,
-                           text=True, timeout=30)
+                           text=True, timeout=30, env=env)
         for k in ("source=", "dest=", "meta=", "block-size=", "copy-on-read=",
                   "hydrate-rate="):
             self.assertIn(k, p.stdout)
         p = subprocess.run(["nbdkit", PLUGIN, "--dump-plugin"], capture_output=True,
-                           text=True, timeout=30)
+                           text=True, timeout=30, env=env)
         self.assertIn("aclone_params=", p.stdout)
         self.assertIn("thread_model=parallel", p.stdout)
         p = cli("--version")

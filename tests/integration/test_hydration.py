@@ -6,8 +6,8 @@ import subprocess
 import time
 import unittest
 
-from harness import (CloneTest, cli, main, read_all, sha, status, wait_for,
-                     write_random_file)
+from harness import (CloneTest, cli, copy_rate, main, read_all, sha, status,
+                     wait_for, write_random_file)
 
 MiB = 1 << 20
 RS = 64 * 1024
@@ -92,12 +92,12 @@ class HydrationTest(CloneTest):
         src = self.random_source(128 * MiB)
         c = self.clone(src, hydrate_rate="4M")
         time.sleep(1.5)                      # past the first burst
-        r = copied_after(self.meta, 4) / 4
+        r = copy_rate(self.meta, 4)
         self.assertAlmostEqual(r / (4 * MiB), 1.0, delta=0.2)
         self.assertAlmostEqual(status(self.meta)["rate"] / (4 * MiB), 1.0, delta=0.3)
         cli("set", self.meta, "rate=12M")
         time.sleep(1.5)
-        r = copied_after(self.meta, 4) / 4
+        r = copy_rate(self.meta, 4)
         self.assertAlmostEqual(r / (12 * MiB), 1.0, delta=0.2)
         st = status(self.meta)
         self.assertGreater(st["eta_seconds"], 0)

@@ -580,8 +580,10 @@ test_hydrator_pause_and_failures (void **state)
   assert_false (atomic_load (&f->c->complete));
   assert_true (atomic_load (&f->c->errors) > 0);
   assert_non_null (strstr (f->c->last_error, "fake://source"));
+  assert_true (atomic_load (&f->c->failing));  /* status: "error" */
   f->src->fail_errno = 0;                     /* source heals */
   wait_complete (f->c, 30);
+  assert_false (atomic_load (&f->c->failing));
   check_model (f);
 }
 
