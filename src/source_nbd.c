@@ -79,6 +79,10 @@ connect_one (struct nbd_source *s, struct aclone_error *err)
     return NULL;
   }
   nbd_set_handle_name (h, "aclone-source");
+  /* Every read either fills the whole buffer or fails and is discarded:
+   * libnbd's defensive zeroing of read buffers is pure cost here.
+   */
+  nbd_set_pread_initialize (h, false);
   if (nbd_add_meta_context (h, LIBNBD_CONTEXT_BASE_ALLOCATION) < 0 ||
       nbd_connect_uri (h, s->uri) < 0) {
     aclone_error_set (err, 0, "source %s: %s", s->base.desc, nbd_get_error ());
