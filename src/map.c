@@ -150,9 +150,12 @@ aclone_map_load (struct aclone_map *m, const uint64_t *hydrated_le,
     uint64_t mask = i == m->words - 1 ? tail : UINT64_MAX;
     uint64_t h = le64toh (hydrated_le[i]) & mask;
     uint64_t w = le64toh (written_le[i]) & mask;
-    atomic_store (&m->hydrated[i], h);
-    atomic_store (&m->written[i], w);
-    n += __builtin_popcountll (h);
+    if (h) {
+      atomic_store (&m->hydrated[i], h);
+      n += __builtin_popcountll (h);
+    }
+    if (w)
+      atomic_store (&m->written[i], w);
   }
   atomic_store (&m->nr_hydrated, n);
 }

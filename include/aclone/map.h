@@ -81,7 +81,10 @@ uint64_t aclone_map_set_hydrated (struct aclone_map *m, uint64_t first,
 /* Mark regions written by a client (and dirty), after dest holds it. */
 void aclone_map_set_written (struct aclone_map *m, uint64_t first, uint64_t count);
 
-/* Load committed state (LE words from the meta file) at start. */
+/* Load committed state (LE words from the meta file) at start.  Only
+ * non-zero words are stored, so untouched parts of the in-core arrays
+ * stay unallocated zero pages.
+ */
 void aclone_map_load (struct aclone_map *m, const uint64_t *hydrated_le,
                       const uint64_t *written_le);
 
