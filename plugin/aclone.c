@@ -249,6 +249,7 @@ aclone_after_fork (void)
   /* The hydrator sets the live page's controls; start it first so that
    * the first published state already reflects them.
    */
+  hcfg.connections = source_connections;
   if (aclone_hydrator_start (the_clone, &hcfg, &err) < 0 ||
       aclone_clone_start (the_clone, &err) < 0) {
     nbdkit_error ("%s", err.msg);

@@ -46,6 +46,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <libnbd.h>
 #include <liburing.h>
@@ -82,13 +83,19 @@ struct conn {
   unsigned long long retry_at;
 };
 
-struct aclone_hydrator {
+/* One copy worker: a thread with its own ring, connections and batches,
+ * sweeping its home range [lo, hi) of the map first, then the rest.
+ */
+struct worker {
+  struct aclone_hydrator *hy;
   struct aclone_clone *c;
-  struct aclone_hydrator_config cfg;
+  struct aclone_hydrator_config cfg;   /* depth and rate are shares */
+  unsigned id;
   pthread_t thread;
-  atomic_bool stop;
+  bool started;
 
   uint64_t batch_regions;
+  uint64_t lo, hi;            /* regions this worker sweeps */
   uint64_t cursor;            /* next region of the sweep */
   uint64_t near, near_left;   /* locality: where and how many batches */
 
@@ -114,6 +121,14 @@ struct aclone_hydrator {
   unsigned read_done;         /* batches in B_READ_DONE */
 };
 
+struct aclone_hydrator {
+  atomic_bool stop;
+  atomic_bool scanned;        /* worker 0 finished the zero scan */
+  atomic_bool finishing;      /* one worker runs finish() */
+  unsigned n;
+  struct worker w[];
+};
+
 /* CQE tags: kind in the top byte, generation, index. */
 enum { TAG_POLL = 1, TAG_WRITE = 2, TAG_CANCEL = 3, TAG_WRITEBACK = 4 };
 #define TAG(kind, gen, idx) (((uint64_t) (kind) << 56) | ((uint64_t) (gen) << 24) | (idx))
@@ -129,7 +144,7 @@ nap (unsigned long long ns)
 }
 
 static uint64_t
-ctl (struct aclone_hydrator *h, size_t field_off)
+ctl (struct worker *h, size_t field_off)
 {
   return __atomic_load_n ((uint64_t *) ((char *) h->c->meta->live + field_off),
                           __ATOMIC_RELAXED);
@@ -137,16 +152,17 @@ ctl (struct aclone_hydrator *h, size_t field_off)
 #define CTL(h, f) ctl ((h), offsetof (struct aclone_live, f))
 
 static bool
-paused (struct aclone_hydrator *h)
+paused (struct worker *h)
 {
   return CTL (h, ctl_pause) != 0;
 }
 
 static unsigned
-depth_limit (struct aclone_hydrator *h)
+depth_limit (struct worker *h)
 {
   uint64_t d = CTL (h, ctl_depth);
   unsigned depth = d ? (unsigned) MIN (d, ACLONE_HYDRATOR_MAX_DEPTH) : h->cfg.depth;
+  depth = MAX (depth / h->hy->n, 1u);    /* this worker's share */
   if (atomic_load (&h->c->fg_active) > 0)
     depth = MAX (depth / 4, 1u);          /* foreground first */
   return depth;
@@ -158,11 +174,13 @@ depth_limit (struct aclone_hydrator *h)
  * second's worth.
  */
 static bool
-rate_allows (struct aclone_hydrator *h)
+rate_allows (struct worker *h)
 {
   uint64_t rate = CTL (h, ctl_rate);
   unsigned long long now = aclone_now_ns ();
 
+  if (rate)
+    rate = MAX (rate / h->hy->n, 1u);    /* this worker's share */
   if (rate != h->rate) {             /* changed: start afresh */
     h->rate = rate;
     h->tokens = 0;
@@ -178,14 +196,14 @@ rate_allows (struct aclone_hydrator *h)
 }
 
 static void
-rate_charge (struct aclone_hydrator *h, uint64_t len)
+rate_charge (struct worker *h, uint64_t len)
 {
   if (h->rate)
     h->tokens -= (double) len;
 }
 
 static void
-failed (struct aclone_hydrator *h)
+failed (struct worker *h)
 {
   h->backoff_ns = h->backoff_ns ? MIN (h->backoff_ns * 2, BACKOFF_MAX_NS)
                                 : BACKOFF_MIN_NS;
@@ -194,7 +212,7 @@ failed (struct aclone_hydrator *h)
 }
 
 static void
-succeeded (struct aclone_hydrator *h)
+succeeded (struct worker *h)
 {
   h->backoff_ns = 0;
   atomic_store (&h->c->failing, false);
@@ -202,11 +220,13 @@ succeeded (struct aclone_hydrator *h)
 
 /* Update the copy rate the live page shows, about once a second. */
 static void
-measure (struct aclone_hydrator *h)
+measure (struct worker *h)
 {
   unsigned long long now = aclone_now_ns ();
   uint64_t bytes = atomic_load (&h->c->bytes_copied);
 
+  if (h->id != 0)
+    return;                            /* one worker measures for all */
   if (h->meas_time == 0) {
     h->meas_time = now;
     h->meas_bytes = bytes;
@@ -222,7 +242,7 @@ measure (struct aclone_hydrator *h)
 /* 1. Zero scan ------------------------------------------------------ */
 
 struct zscan {
-  struct aclone_hydrator *h;
+  struct worker *h;
   uint64_t zstart, zend;      /* current run of zero bytes */
   uint64_t pos;               /* how far the source has answered */
   int error;
@@ -230,14 +250,14 @@ struct zscan {
 
 /* Mark the whole regions inside [start, end) hydrated-as-zero. */
 static void
-skip_zero_bytes (struct aclone_hydrator *h, uint64_t start, uint64_t end)
+skip_zero_bytes (struct worker *h, uint64_t start, uint64_t end)
 {
   struct aclone_clone *c = h->c;
   unsigned shift = c->map.shift;
   uint64_t r = (start + c->region_size - 1) >> shift;
   uint64_t last = end >= c->size ? c->map.regions : end >> shift;
 
-  while (r < last && !atomic_load (&h->stop)) {
+  while (r < last && !atomic_load (&h->hy->stop)) {
     r = aclone_map_next_unhydrated (&c->map, r);
     if (r >= last)
       break;
@@ -266,19 +286,19 @@ zscan_cb (void *opaque, uint64_t off, uint64_t len, bool zero)
       z->zend = off + len;
   }
   z->pos = off + len;
-  return atomic_load (&z->h->stop);
+  return atomic_load (&z->h->hy->stop);
 }
 
 static void
-zero_scan (struct aclone_hydrator *h)
+zero_scan (struct worker *h)
 {
   struct aclone_clone *c = h->c;
   struct zscan z = { .h = h };
 
-  while (z.pos < c->size && !atomic_load (&h->stop)) {
-    while (paused (h) && !atomic_load (&h->stop))
+  while (z.pos < c->size && !atomic_load (&h->hy->stop)) {
+    while (paused (h) && !atomic_load (&h->hy->stop))
       nap (50000000);
-    if (atomic_load (&h->stop))
+    if (atomic_load (&h->hy->stop))
       return;
     uint64_t start = z.pos;
     pthread_rwlock_rdlock (&c->src_lock);
@@ -305,7 +325,7 @@ zero_scan (struct aclone_hydrator *h)
  * nothing can be taken now (all hydrated, or the rest locked).
  */
 static bool
-pick (struct aclone_hydrator *h, struct batch *b)
+pick (struct worker *h, struct batch *b)
 {
   struct aclone_map *m = &h->c->map;
   uint64_t hint = atomic_exchange_explicit (&h->c->hint, 0, memory_order_relaxed);
@@ -315,8 +335,8 @@ pick (struct aclone_hydrator *h, struct batch *b)
     h->near = hint - 1;
     h->near_left = NEAR_BATCHES;
   }
-  while (scanned <= m->regions) {
-    uint64_t r;
+  while (scanned <= h->hi - h->lo) {
+    uint64_t r, n;
     bool near = h->near_left > 0;
     if (near) {
       r = aclone_map_next_unhydrated (m, h->near);
@@ -324,23 +344,28 @@ pick (struct aclone_hydrator *h, struct batch *b)
         h->near_left = 0;
         continue;
       }
-    }
-    else {
-      r = aclone_map_next_unhydrated (m, h->cursor);
-      if (r >= m->regions) {
-        if (h->cursor == 0)
-          return false;
-        scanned += m->regions - h->cursor;
-        h->cursor = 0;                 /* wrap: a new sweep */
-        continue;
-      }
-    }
-    uint64_t n = aclone_map_run (m, r, h->batch_regions);
-    if (near) {
+      n = aclone_map_run (m, r, h->batch_regions);
       h->near = r + n;
       h->near_left--;
     }
     else {
+      r = aclone_map_next_unhydrated (m, h->cursor);
+      if (r >= h->hi) {
+        if (h->cursor == h->lo) {
+          /* Home range done: help with the rest of the device. */
+          if (h->lo == 0 && h->hi == m->regions)
+            return false;
+          h->lo = 0;
+          h->hi = m->regions;
+          h->cursor = 0;
+          scanned = 0;
+          continue;
+        }
+        scanned += h->hi - h->cursor;
+        h->cursor = h->lo;             /* wrap: a new sweep */
+        continue;
+      }
+      n = aclone_map_run (m, r, MIN (h->batch_regions, h->hi - r));
       scanned += r + n - h->cursor;
       h->cursor = r + n;
     }
@@ -367,14 +392,14 @@ pick (struct aclone_hydrator *h, struct batch *b)
 }
 
 static bool
-all_hydrated (struct aclone_hydrator *h)
+all_hydrated (struct worker *h)
 {
   return atomic_load (&h->c->map.nr_hydrated) == h->c->map.regions;
 }
 
 /* May a new batch start now? */
 static bool
-may_start (struct aclone_hydrator *h, unsigned inflight)
+may_start (struct worker *h, unsigned inflight)
 {
   if (paused (h) || inflight >= depth_limit (h))
     return false;
@@ -386,11 +411,11 @@ may_start (struct aclone_hydrator *h, unsigned inflight)
 /* The plain engine ---------------------------------------------------- */
 
 static void
-run_plain (struct aclone_hydrator *h)
+run_plain (struct worker *h)
 {
   struct batch b = { 0 };
 
-  while (!atomic_load (&h->stop) && !all_hydrated (h)) {
+  while (!atomic_load (&h->hy->stop) && !all_hydrated (h)) {
     measure (h);
     if (!may_start (h, 0) || !pick (h, &b)) {
       nap (10000000);
@@ -409,7 +434,7 @@ run_plain (struct aclone_hydrator *h)
 /* The ring engine ----------------------------------------------------- */
 
 static struct io_uring_sqe *
-get_sqe (struct aclone_hydrator *h)
+get_sqe (struct worker *h)
 {
   struct io_uring_sqe *sqe = io_uring_get_sqe (&h->ring);
   if (!sqe) {
@@ -434,7 +459,7 @@ read_done (void *opaque, int *error)
 }
 
 static void
-batch_release (struct aclone_hydrator *h, struct batch *b, bool ok)
+batch_release (struct worker *h, struct batch *b, bool ok)
 {
   struct aclone_clone *c = h->c;
 
@@ -452,7 +477,7 @@ batch_release (struct aclone_hydrator *h, struct batch *b, bool ok)
 }
 
 static void
-conn_close (struct aclone_hydrator *h, unsigned i)
+conn_close (struct worker *h, unsigned i)
 {
   struct conn *k = &h->conns[i];
 
@@ -484,7 +509,7 @@ conn_close (struct aclone_hydrator *h, unsigned i)
 
 /* Open connections that are missing, once their backoff has passed. */
 static void
-conns_refill (struct aclone_hydrator *h)
+conns_refill (struct worker *h)
 {
   struct aclone_clone *c = h->c;
   unsigned long long now = aclone_now_ns ();
@@ -507,7 +532,7 @@ conns_refill (struct aclone_hydrator *h)
 
 /* Start a batch's source read on some live connection. */
 static bool
-issue_read (struct aclone_hydrator *h, struct batch *b)
+issue_read (struct worker *h, struct batch *b)
 {
   for (unsigned t = 0; t < h->nconns; t++) {
     unsigned i = (h->next_conn + t) % h->nconns;
@@ -537,7 +562,7 @@ issue_read (struct aclone_hydrator *h, struct batch *b)
  * still only the commit's business: this is a hint, its result ignored.
  */
 static void
-start_writeback (struct aclone_hydrator *h, const struct batch *b)
+start_writeback (struct worker *h, const struct batch *b)
 {
   struct io_uring_sqe *sqe;
 
@@ -550,7 +575,7 @@ start_writeback (struct aclone_hydrator *h, const struct batch *b)
 }
 
 static void
-issue_write (struct aclone_hydrator *h, unsigned idx)
+issue_write (struct worker *h, unsigned idx)
 {
   struct batch *b = &h->batches[idx];
   struct io_uring_sqe *sqe = get_sqe (h);
@@ -572,7 +597,7 @@ issue_write (struct aclone_hydrator *h, unsigned idx)
 
 /* Handle batches whose source read finished. */
 static void
-reads_finished (struct aclone_hydrator *h)
+reads_finished (struct worker *h)
 {
   for (unsigned i = 0; i < h->nbatches && h->read_done > 0; i++) {
     struct batch *b = &h->batches[i];
@@ -594,7 +619,7 @@ reads_finished (struct aclone_hydrator *h)
 }
 
 static void
-arm_polls (struct aclone_hydrator *h)
+arm_polls (struct worker *h)
 {
   for (unsigned i = 0; i < h->nconns; i++) {
     struct conn *k = &h->conns[i];
@@ -631,7 +656,7 @@ arm_polls (struct aclone_hydrator *h)
 }
 
 static void
-handle_cqe (struct aclone_hydrator *h, struct io_uring_cqe *cqe)
+handle_cqe (struct worker *h, struct io_uring_cqe *cqe)
 {
   uint64_t tag = io_uring_cqe_get_data64 (cqe);
   unsigned idx = TAG_IDX (tag);
@@ -683,7 +708,7 @@ handle_cqe (struct aclone_hydrator *h, struct io_uring_cqe *cqe)
 }
 
 static struct batch *
-free_batch (struct aclone_hydrator *h)
+free_batch (struct worker *h)
 {
   for (unsigned i = 0; i < h->nbatches; i++)
     if (h->batches[i].state == B_FREE)
@@ -692,7 +717,7 @@ free_batch (struct aclone_hydrator *h)
 }
 
 static bool
-any_conn (struct aclone_hydrator *h)
+any_conn (struct worker *h)
 {
   for (unsigned i = 0; i < h->nconns; i++)
     if (h->conns[i].h)
@@ -701,11 +726,11 @@ any_conn (struct aclone_hydrator *h)
 }
 
 static void
-run_ring (struct aclone_hydrator *h)
+run_ring (struct worker *h)
 {
   unsigned long long loops = 0, timeouts = 0, cqes = 0, starved = 0;
 
-  while (!atomic_load (&h->stop)) {
+  while (!atomic_load (&h->hy->stop)) {
     loops++;
     if (all_hydrated (h) && h->inflight == 0)
       break;
@@ -778,14 +803,14 @@ run_ring (struct aclone_hydrator *h)
 /* The worker ------------------------------------------------------------ */
 
 static void
-finish (struct aclone_hydrator *h)
+finish (struct worker *h)
 {
   struct aclone_clone *c = h->c;
 
   /* A commit marks the clone complete once every bit is in the file;
    * a region hydrated during one commit needs the next.
    */
-  while (!atomic_load (&c->complete) && !atomic_load (&h->stop)) {
+  while (!atomic_load (&c->complete) && !atomic_load (&h->hy->stop)) {
     if (aclone_clone_commit (c) < 0)
       nap (1000000000);
   }
@@ -801,23 +826,32 @@ finish (struct aclone_hydrator *h)
 }
 
 static void *
-worker (void *arg)
+worker_main (void *arg)
 {
-  struct aclone_hydrator *h = arg;
+  struct worker *h = arg;
   unsigned long long t0 = aclone_now_ns (), t1, t2;
 
-  zero_scan (h);
+  /* Worker 0 scans for zero extents first; the others wait for it, so
+   * that nobody copies what the scan would skip.
+   */
+  if (h->id == 0) {
+    zero_scan (h);
+    atomic_store (&h->hy->scanned, true);
+  }
+  while (!atomic_load (&h->hy->scanned) && !atomic_load (&h->hy->stop))
+    nap (5000000);
   t1 = aclone_now_ns ();
-  aclone_clone_log (h->c, 0, "hydrator: zero scan took %.3f s",
+  aclone_clone_log (h->c, 0, "hydrator %u: zero scan took %.3f s", h->id,
                     (t1 - t0) / 1e9);
   if (h->ring_ok)
     run_ring (h);
   else
     run_plain (h);
   t2 = aclone_now_ns ();
-  aclone_clone_log (h->c, 0, "hydrator: copy sweep took %.3f s",
+  aclone_clone_log (h->c, 0, "hydrator %u: copy sweep took %.3f s", h->id,
                     (t2 - t1) / 1e9);
-  if (!atomic_load (&h->stop) && all_hydrated (h)) {
+  if (!atomic_load (&h->hy->stop) && all_hydrated (h) &&
+      !atomic_exchange (&h->hy->finishing, true)) {
     finish (h);
     aclone_clone_log (h->c, 0, "hydrator: final commit took %.3f s",
                       (aclone_now_ns () - t2) / 1e9);
@@ -825,82 +859,130 @@ worker (void *arg)
   return NULL;
 }
 
+/* Set up worker k of n; returns 0 or -errno. */
+static int
+worker_init (struct aclone_hydrator *hy, unsigned k, struct aclone_clone *c,
+             const struct aclone_hydrator_config *cfg, unsigned conns)
+{
+  struct worker *h = &hy->w[k];
+  int r;
+
+  h->hy = hy;
+  h->c = c;
+  h->id = k;
+  h->cfg = *cfg;
+  h->cfg.depth = MAX (1u, MIN (cfg->depth, ACLONE_HYDRATOR_MAX_DEPTH));
+  h->cfg.batch = MAX ((uint64_t) c->region_size, cfg->batch);
+  h->batch_regions = h->cfg.batch >> c->map.shift;
+  h->lo = c->map.regions * k / hy->n;
+  h->hi = c->map.regions * (k + 1) / hy->n;
+  h->cursor = h->lo;
+
+  if (!c->src || !c->src->ops->aio_connect)
+    return 0;                          /* the plain engine */
+  h->nconns = conns;
+  h->nbatches = ACLONE_HYDRATOR_MAX_DEPTH;
+  h->batches = calloc (h->nbatches, sizeof *h->batches);
+  if (!h->batches)
+    return -ENOMEM;
+  for (unsigned i = 0; i < h->nbatches; i++)
+    h->batches[i].read_done = &h->read_done;
+  r = io_uring_queue_init (2 * h->nbatches + 2 * h->nconns, &h->ring, 0);
+  if (r < 0) {
+    aclone_clone_log (c, 1, "hydrator: io_uring unavailable (%s), "
+                      "copying without it", strerror (-r));
+    return 0;
+  }
+  h->ring_ok = true;
+  return 0;
+}
+
+static void
+hydrator_free (struct aclone_hydrator *hy)
+{
+  for (unsigned k = 0; k < hy->n; k++) {
+    struct worker *h = &hy->w[k];
+    if (h->ring_ok)
+      io_uring_queue_exit (&h->ring);
+    for (unsigned i = 0; i < h->nbatches; i++)
+      free (h->batches[i].buf);
+    free (h->batches);
+  }
+  free (hy);
+}
+
 int
 aclone_hydrator_start (struct aclone_clone *c,
                        const struct aclone_hydrator_config *cfg,
                        struct aclone_error *err)
 {
-  struct aclone_hydrator *h;
+  struct aclone_hydrator *hy;
   struct aclone_live *live = c->meta->live;
+  unsigned n, conns;
   int r;
 
   if (atomic_load (&c->complete) || c->hydrator)
     return 0;
-  h = calloc (1, sizeof *h);
-  if (!h)
+
+  /* One worker per core, up to 4 and no more than connections: a single
+   * event loop spends its core on socket copies while the others idle.
+   */
+  conns = MAX (1u, MIN (cfg->connections, MAX_CONNS));
+  if (c->src && !c->src->multi_conn)
+    conns = 1;
+  long cpus = sysconf (_SC_NPROCESSORS_ONLN);
+  n = MAX (1u, MIN (MIN ((unsigned) (cpus > 0 ? cpus : 1), 4u), conns));
+  if (cfg->workers)
+    n = MIN (cfg->workers, conns);
+  hy = calloc (1, sizeof *hy + n * sizeof (struct worker));
+  if (!hy)
     return aclone_error_set (err, ENOMEM, "hydrator");
-  h->c = c;
-  h->cfg = *cfg;
-  h->cfg.depth = MAX (1u, MIN (cfg->depth, ACLONE_HYDRATOR_MAX_DEPTH));
-  h->cfg.batch = MAX ((uint64_t) c->region_size, cfg->batch);
-  h->batch_regions = h->cfg.batch >> c->map.shift;
+  hy->n = n;
 
   /* The command line sets the starting controls; the CLI changes them. */
   __atomic_store_n (&live->ctl_pause, cfg->start_paused ? 1 : 0, __ATOMIC_RELAXED);
   __atomic_store_n (&live->ctl_rate, cfg->rate, __ATOMIC_RELAXED);
   __atomic_store_n (&live->ctl_depth, 0, __ATOMIC_RELAXED);
 
-  if (c->src && c->src->ops->aio_connect) {
-    h->nconns = MAX (1u, MIN (cfg->connections, MAX_CONNS));
-    if (!c->src->multi_conn)
-      h->nconns = 1;
-    h->nbatches = ACLONE_HYDRATOR_MAX_DEPTH;
-    h->batches = calloc (h->nbatches, sizeof *h->batches);
-    for (unsigned i = 0; h->batches && i < h->nbatches; i++)
-      h->batches[i].read_done = &h->read_done;
-    unsigned entries = 2 * h->nbatches + 2 * h->nconns;
-    r = h->batches ? io_uring_queue_init (entries, &h->ring, 0) : -ENOMEM;
+  for (unsigned k = 0; k < n; k++) {
+    unsigned share = conns / n + (k < conns % n);
+    r = worker_init (hy, k, c, cfg, share);
     if (r < 0) {
-      free (h->batches);
-      h->batches = NULL;
-      h->nbatches = 0;
-      aclone_clone_log (c, 1, "hydrator: io_uring unavailable (%s), "
-                        "copying without it", strerror (-r));
+      hydrator_free (hy);
+      return aclone_error_set (err, -r, "hydrator");
     }
-    else
-      h->ring_ok = true;
   }
-
-  r = pthread_create (&h->thread, NULL, worker, h);
-  if (r != 0) {
-    if (h->ring_ok)
-      io_uring_queue_exit (&h->ring);
-    free (h->batches);
-    free (h);
-    return aclone_error_set (err, r, "cannot start hydrator thread");
+  for (unsigned k = 0; k < n; k++) {
+    r = pthread_create (&hy->w[k].thread, NULL, worker_main, &hy->w[k]);
+    if (r != 0) {
+      atomic_store (&hy->stop, true);
+      atomic_store (&hy->scanned, true);
+      for (unsigned j = 0; j < k; j++)
+        pthread_join (hy->w[j].thread, NULL);
+      hydrator_free (hy);
+      return aclone_error_set (err, r, "cannot start hydrator thread");
+    }
+    hy->w[k].started = true;
   }
-  c->hydrator = h;
+  c->hydrator = hy;
   return 0;
 }
 
 void
 aclone_hydrator_stop (struct aclone_clone *c)
 {
-  struct aclone_hydrator *h = c->hydrator;
+  struct aclone_hydrator *hy = c->hydrator;
 
-  if (!h)
+  if (!hy)
     return;
-  atomic_store (&h->stop, true);
+  atomic_store (&hy->stop, true);
   pthread_rwlock_rdlock (&c->src_lock);
   if (c->src)
     atomic_store (&c->src->cancelled, true);
   pthread_rwlock_unlock (&c->src_lock);
-  pthread_join (h->thread, NULL);
-  if (h->ring_ok)
-    io_uring_queue_exit (&h->ring);
-  for (unsigned i = 0; i < h->nbatches; i++)
-    free (h->batches[i].buf);
-  free (h->batches);
-  free (h);
+  for (unsigned k = 0; k < hy->n; k++)
+    if (hy->w[k].started)
+      pthread_join (hy->w[k].thread, NULL);
+  hydrator_free (hy);
   c->hydrator = NULL;
 }
