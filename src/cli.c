@@ -174,28 +174,46 @@ open_meta (const char *path, enum aclone_meta_mode mode, struct aclone_meta **m)
   return 0;
 }
 
+/* Parse "CMD [--FLAG] META": sets *flag and *meta, or returns the usage
+ * exit status (non-zero) after reporting.
+ */
+static int
+flag_and_meta (int argc, char **argv, const char *flag_name, bool *flag,
+               const char **meta)
+{
+  const struct option opts[] = {
+    { flag_name, no_argument, NULL, 'f' }, { NULL, 0, NULL, 0 } };
+  int c;
+  char msg[64];
+
+  *flag = false;
+  while ((c = getopt_long (argc, argv, "", opts, NULL)) != -1) {
+    if (c != 'f')
+      return usage (NULL);
+    *flag = true;
+  }
+  if (optind != argc - 1) {
+    snprintf (msg, sizeof msg, "%s: expected one META file", argv[0]);
+    return usage (msg);
+  }
+  *meta = argv[optind];
+  return 0;
+}
+
 static int
 cmd_status (int argc, char **argv)
 {
-  static const struct option opts[] = {
-    { "json", no_argument, NULL, 'j' }, { NULL, 0, NULL, 0 } };
-  bool json = false;
-  int c;
-
-  while ((c = getopt_long (argc, argv, "", opts, NULL)) != -1) {
-    if (c == 'j')
-      json = true;
-    else
-      return usage (NULL);
-  }
-  if (optind != argc - 1)
-    return usage ("status: expected one META file");
+  const char *path;
+  bool json;
+  int rc = flag_and_meta (argc, argv, "json", &json, &path);
+  if (rc)
+    return rc;
 
   struct aclone_meta *m;
   struct status s;
-  if (open_meta (argv[optind], ACLONE_META_READ, &m) < 0)
+  if (open_meta (path, ACLONE_META_READ, &m) < 0)
     return EXIT_FAILURE;
-  read_status (argv[optind], m, &s);
+  read_status (path, m, &s);
   aclone_meta_close (m);
 
   if (json) {
@@ -249,21 +267,12 @@ cmd_status (int argc, char **argv)
 static int
 cmd_inspect (int argc, char **argv)
 {
-  static const struct option opts[] = {
-    { "map", no_argument, NULL, 'm' }, { NULL, 0, NULL, 0 } };
-  bool map = false;
-  int c;
+  const char *path;
+  bool map;
+  int rc = flag_and_meta (argc, argv, "map", &map, &path);
+  if (rc)
+    return rc;
 
-  while ((c = getopt_long (argc, argv, "", opts, NULL)) != -1) {
-    if (c == 'm')
-      map = true;
-    else
-      return usage (NULL);
-  }
-  if (optind != argc - 1)
-    return usage ("inspect: expected one META file");
-
-  const char *path = argv[optind];
   struct aclone_meta *m;
   if (open_meta (path, ACLONE_META_READ, &m) < 0) {
     printf ("valid:         no\n");

@@ -593,7 +593,7 @@ aclone_clone_commit (struct aclone_clone *c)
       aclone_clone_error (c, "%s", err.msg);
     else {
       atomic_store_explicit (&c->complete, true, memory_order_release);
-      aclone_clone_log (c, 1, "clone complete: %s holds every region of %s",
+      aclone_clone_log (c, 0, "clone complete: %s holds every region of %s",
               c->dest->path, c->meta->hdr.source);
     }
   }

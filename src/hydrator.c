@@ -818,8 +818,9 @@ finish (struct worker *h)
     aclone_clone_release_source (c);
     atomic_store (&c->rate, 0);
     aclone_clone_publish (c, ACLONE_STATE_COMPLETE);
-    aclone_clone_log (c, 1, "hydration complete: %llu bytes copied, %llu "
-                      "skipped; source released",
+    aclone_clone_log (c, 1, "hydration complete: %s holds every region of "
+                      "%s (%llu bytes copied, %llu skipped); source released",
+                      c->dest->path, c->meta->hdr.source,
                       (unsigned long long) atomic_load (&c->bytes_copied),
                       (unsigned long long) atomic_load (&c->bytes_skipped));
   }

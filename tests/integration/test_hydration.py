@@ -51,6 +51,45 @@ class HydrationTest(CloneTest):
         # dest stays sparse: we created it, and zero regions were not written.
         self.assertLess(os.stat(self.dest).st_blocks * 512, 16 * MiB)
 
+    def test_source_without_block_status_is_copied_whole(self):
+        self.src_path = os.path.join(self.tmp, "source.img")
+        write_random_file(self.src_path, 64 * MiB, seed=7, sparse_chunks=(MiB, 8))
+        src = self.source_file(self.src_path, filters=["noextents"])
+        c = self.clone(src)
+        self.wait_complete(60)
+        st = status(self.meta)
+        self.assertEqual(st["bytes_copied"], 64 * MiB)
+        self.assertEqual(st["bytes_skipped"], 0)
+        c.stop()
+        self.assertEqual(sha(self.dest), sha(self.src_path))
+
+    def test_failing_source_reads(self):
+        # EIO on every read while the trigger file exists.
+        trigger = os.path.join(self.tmp, "fail-now")
+        open(trigger, "w").close()
+        self.src_path = os.path.join(self.tmp, "source.img")
+        write_random_file(self.src_path, 16 * MiB, seed=8)
+        src = self.source_file(self.src_path, filters=["error"],
+                               extra=["error-pread=EIO", "error-pread-rate=100%",
+                                      "error-pread-file=" + trigger])
+        c = self.clone(src)
+        st = self.status_becomes(state="error")
+        self.assertGreater(st["errors"], 0)
+        self.assertIn("source", st["last_error"])
+        self.assertEqual(st["hydrated"], 0)            # nothing marked
+        h = c.connect()
+        import nbd
+        with self.assertRaises(nbd.Error) as e:        # client reads: EIO
+            h.pread(4096, 5 * MiB)
+        self.assertEqual(e.exception.errno, "EIO")
+        os.unlink(trigger)                             # the source heals
+        self.wait_complete(60)
+        with open(self.src_path, "rb") as f:
+            self.assertEqual(read_all(h), f.read())
+        h.shutdown()
+        c.stop()
+        self.assertEqual(sha(self.dest), sha(self.src_path))
+
     def test_sparse_random_plugin(self):
         src = self.server("source", ["sparse-random", "size=512M", "percent=2",
                                      "runlength=1048576", "seed=42"])
