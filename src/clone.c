@@ -233,6 +233,7 @@ aclone_clone_pread (struct aclone_clone *c, void *buf, uint32_t count,
 
   int ret = 0;
   atomic_fetch_add (&c->fg_active, 1);
+  atomic_store_explicit (&c->fg_last_ns, aclone_now_ns (), memory_order_relaxed);
   while (pos < end && ret == 0) {
     uint64_t r = pos >> c->map.shift;
     uint64_t last = (end - 1) >> c->map.shift;
@@ -383,6 +384,7 @@ apply (struct aclone_clone *c, const struct wop *w, uint32_t count,
   int ret = 0;
 
   atomic_fetch_add (&c->fg_active, 1);
+  atomic_store_explicit (&c->fg_last_ns, aclone_now_ns (), memory_order_relaxed);
   if (atomic_load_explicit (&c->complete, memory_order_acquire)) {
     struct wop plain = *w;
     ret = dest_apply (c, &plain, w->data, count, offset);

@@ -45,6 +45,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -60,6 +61,8 @@
 #define BACKOFF_MAX_NS  5000000000ull        /* 5 s */
 #define NEAR_BATCHES     8                   /* batches after a read miss */
 #define MAX_CONNS        64
+#define HYDRATOR_NICE    10                  /* below client threads */
+#define FG_WINDOW_NS     10000000ull         /* clients "active": 10 ms */
 
 enum batch_state { B_FREE, B_READING, B_READ_DONE, B_WRITING };
 
@@ -163,8 +166,14 @@ depth_limit (struct worker *h)
   uint64_t d = CTL (h, ctl_depth);
   unsigned depth = d ? (unsigned) MIN (d, ACLONE_HYDRATOR_MAX_DEPTH) : h->cfg.depth;
   depth = MAX (depth / h->hy->n, 1u);    /* this worker's share */
-  if (atomic_load (&h->c->fg_active) > 0)
-    depth = MAX (depth / 4, 1u);          /* foreground first */
+  /* Foreground first: while clients are active (a request in progress
+   * or begun in the last FG_WINDOW), a quarter of the depth.
+   */
+  unsigned long long last = atomic_load_explicit (&h->c->fg_last_ns,
+                                                  memory_order_relaxed);
+  if (atomic_load (&h->c->fg_active) > 0 ||
+      (last && aclone_now_ns () - last < FG_WINDOW_NS))
+    depth = MAX (depth / 4, 1u);
   return depth;
 }
 
@@ -831,6 +840,14 @@ worker_main (void *arg)
 {
   struct worker *h = arg;
   unsigned long long t0 = aclone_now_ns (), t1, t2;
+
+  /* Foreground first: client requests run on nbdkit's threads at normal
+   * priority; copies take what CPU is left.  (io-wq helpers this thread
+   * creates inherit the niceness.)  Failure only costs latency.
+   */
+  if (setpriority (PRIO_PROCESS, gettid (), HYDRATOR_NICE) < 0)
+    aclone_clone_log (h->c, 0, "hydrator %u: setpriority: %s", h->id,
+                      strerror (errno));
 
   /* Worker 0 scans for zero extents first; the others wait for it, so
    * that nobody copies what the scan would skip.

@@ -64,6 +64,7 @@ struct aclone_clone {
   atomic_uint_fast64_t rate;     /* bytes/s copied recently (hydrator) */
   atomic_uint_fast64_t hint;     /* 1 + region after the last read miss, 0 none */
   atomic_uint fg_active;         /* client requests in progress */
+  atomic_uint_fast64_t fg_last_ns; /* when the last client request began */
   atomic_bool failing;           /* hydrator backing off after failures */
 
   aclone_log_fn log;
