@@ -531,10 +531,21 @@ conns_refill (struct worker *h)
     k->h = c->src ? c->src->ops->aio_connect (c->src) : NULL;
     pthread_rwlock_unlock (&c->src_lock);
     if (!k->h) {
+      /* Unreachable: an outage, which status shows as "waiting". */
+      unsigned long long zero = 0;
+      pthread_rwlock_rdlock (&c->src_lock);
+      if (c->src)
+        atomic_compare_exchange_strong (&c->src->outage_since_ns, &zero,
+                                        aclone_wall_ns ());
+      pthread_rwlock_unlock (&c->src_lock);
       failed (h);
       k->retry_at = now + h->backoff_ns;
       continue;
     }
+    pthread_rwlock_rdlock (&c->src_lock);
+    if (c->src)
+      atomic_store (&c->src->outage_since_ns, 0);
+    pthread_rwlock_unlock (&c->src_lock);
     aclone_clone_log (c, 0, "hydrator: source connection %u open", i);
   }
 }
