@@ -19,10 +19,16 @@
 #include <unistd.h>
 #include <endian.h>
 
+#include <fcntl.h>
+
+#include "aclone/dest.h"
+#include "aclone/map.h"
 #include "aclone/meta.h"
+#include "aclone/source.h"
 #include "config.h"
 
 #define EXIT_USAGE 2
+#define MIN_U64(a, b) ((a) < (b) ? (a) : (b))
 
 static const char usage_text[] =
   "Usage: aclone COMMAND [OPTIONS] META\n"
@@ -37,6 +43,9 @@ static const char usage_text[] =
   "  resume META                 resume background hydration\n"
   "  set META rate=SIZE depth=N  hydration rate limit in bytes/s (0 = none),\n"
   "                              copies in flight (0 = server default)\n"
+  "  verify [--json] META --source URI --dest PATH\n"
+  "                              compare every copied, never-written region\n"
+  "                              of PATH with the source; exit 0 if all match\n"
   "\n"
   "Options: --help, --version.  Exit status: 0 ok, 1 error, 2 usage.\n"
   "See aclone(1).\n";
@@ -471,6 +480,179 @@ cmd_set (int argc, char **argv)
                   depth >= 0 ? &depth : NULL);
 }
 
+/* verify: compare dest with the source for every region that is
+ * committed hydrated and was never written by a client.
+ */
+struct verify {
+  uint64_t compared, mismatched, written, unhydrated;
+  uint64_t *bad_off, *bad_len;
+  size_t nbad, capbad;
+};
+
+static void
+add_bad (struct verify *v, uint64_t off, uint64_t len)
+{
+  if (v->nbad && v->bad_off[v->nbad - 1] + v->bad_len[v->nbad - 1] == off) {
+    v->bad_len[v->nbad - 1] += len;        /* extend the last range */
+    return;
+  }
+  if (v->nbad == v->capbad) {
+    size_t nc = v->capbad ? 2 * v->capbad : 16;
+    uint64_t *o = realloc (v->bad_off, nc * sizeof *o);
+    if (o)
+      v->bad_off = o;
+    uint64_t *l = o ? realloc (v->bad_len, nc * sizeof *l) : NULL;
+    if (!l)
+      return;                              /* counted, not listed */
+    v->bad_len = l;
+    v->capbad = nc;
+  }
+  v->bad_off[v->nbad] = off;
+  v->bad_len[v->nbad++] = len;
+}
+
+static int
+cmd_verify (int argc, char **argv)
+{
+  static const struct option opts[] = {
+    { "json", no_argument, NULL, 'j' },
+    { "source", required_argument, NULL, 's' },
+    { "dest", required_argument, NULL, 'd' },
+    { NULL, 0, NULL, 0 } };
+  const char *uri = NULL, *dest_path = NULL;
+  bool json = false;
+  int c;
+
+  while ((c = getopt_long (argc, argv, "", opts, NULL)) != -1) {
+    switch (c) {
+    case 'j': json = true; break;
+    case 's': uri = optarg; break;
+    case 'd': dest_path = optarg; break;
+    default: return usage (NULL);
+    }
+  }
+  if (optind != argc - 1 || !uri || !dest_path)
+    return usage ("verify: expected META --source URI --dest PATH");
+  const char *path = argv[optind];
+
+  struct aclone_meta *m;
+  struct aclone_error err = { 0 };
+  struct aclone_source *src = NULL;
+  if (open_meta (path, ACLONE_META_READ, &m) < 0)
+    return EXIT_FAILURE;
+  struct aclone_source_config scfg = { .uri = uri, .connections = 1,
+                                       .timeout_s = 30 };
+  if (aclone_source_nbd_open (&scfg, &src, &err) < 0) {
+    fprintf (stderr, "aclone: %s\n", err.msg);
+    aclone_meta_close (m);
+    return EXIT_FAILURE;
+  }
+  struct aclone_dest d = { .path = (char *) dest_path, .fd = -1 };
+  d.fd = open (dest_path, O_RDONLY | O_CLOEXEC);
+  int rc = EXIT_SUCCESS;
+  if (d.fd < 0) {
+    fprintf (stderr, "aclone: dest %s: %s\n", dest_path, strerror (errno));
+    rc = EXIT_FAILURE;
+    goto out;
+  }
+  if (src->size != m->hdr.size) {
+    fprintf (stderr, "aclone: source %s is %llu bytes, %s says %llu\n",
+             src->desc, (unsigned long long) src->size, path,
+             (unsigned long long) m->hdr.size);
+    rc = EXIT_FAILURE;
+    goto out;
+  }
+
+  struct verify v = { 0 };
+  const uint64_t rs = m->hdr.region_size, chunk_regions = (8u << 20) / rs;
+  char *a = malloc (chunk_regions ? chunk_regions * rs : rs);
+  char *b = malloc (chunk_regions ? chunk_regions * rs : rs);
+  if (!a || !b) {
+    fprintf (stderr, "aclone: out of memory\n");
+    rc = EXIT_FAILURE;
+    goto out_buf;
+  }
+  for (uint64_t r = 0; r < m->hdr.regions; ) {
+    if (!aclone_meta_bit (m, ACLONE_BIT_HYDRATED, r)) {
+      v.unhydrated++;
+      r++;
+      continue;
+    }
+    if (aclone_meta_bit (m, ACLONE_BIT_WRITTEN, r)) {
+      v.written++;
+      r++;
+      continue;
+    }
+    /* A run of copied, unwritten regions: compare it in one go. */
+    uint64_t n = 1;
+    while (n < (chunk_regions ? chunk_regions : 1) && r + n < m->hdr.regions &&
+           aclone_meta_bit (m, ACLONE_BIT_HYDRATED, r + n) &&
+           !aclone_meta_bit (m, ACLONE_BIT_WRITTEN, r + n))
+      n++;
+    uint64_t off = r * rs, len = MIN_U64 (n * rs, m->hdr.size - off);
+    int e = aclone_source_pread (src, a, len, off);
+    if (e < 0) {
+      fprintf (stderr, "aclone: source %s: read at %llu: %s\n", src->desc,
+               (unsigned long long) off, strerror (-e));
+      rc = EXIT_FAILURE;
+      goto out_buf;
+    }
+    e = aclone_dest_pread (&d, b, len, off);
+    if (e < 0) {
+      fprintf (stderr, "aclone: dest %s: read at %llu: %s\n", dest_path,
+               (unsigned long long) off, strerror (-e));
+      rc = EXIT_FAILURE;
+      goto out_buf;
+    }
+    for (uint64_t k = 0; k < n; k++) {
+      uint64_t o = k * rs, l = MIN_U64 (rs, len - o);
+      v.compared++;
+      if (memcmp (a + o, b + o, l) != 0) {
+        v.mismatched++;
+        add_bad (&v, off + o, l);
+      }
+    }
+    r += n;
+  }
+
+  if (json) {
+    printf ("{\"regions\": %llu, \"compared\": %llu, \"mismatched\": %llu, "
+            "\"written\": %llu, \"unhydrated\": %llu, \"mismatches\": [",
+            (unsigned long long) m->hdr.regions, (unsigned long long) v.compared,
+            (unsigned long long) v.mismatched, (unsigned long long) v.written,
+            (unsigned long long) v.unhydrated);
+    for (size_t i = 0; i < v.nbad; i++)
+      printf ("%s{\"offset\": %llu, \"length\": %llu}", i ? ", " : "",
+              (unsigned long long) v.bad_off[i], (unsigned long long) v.bad_len[i]);
+    printf ("]}\n");
+  }
+  else {
+    printf ("compared:      %llu regions (copied, never written)\n",
+            (unsigned long long) v.compared);
+    printf ("mismatched:    %llu regions\n", (unsigned long long) v.mismatched);
+    for (size_t i = 0; i < v.nbad; i++)
+      printf ("  differs:     offset %llu length %llu\n",
+              (unsigned long long) v.bad_off[i], (unsigned long long) v.bad_len[i]);
+    printf ("written:       %llu regions (not compared)\n",
+            (unsigned long long) v.written);
+    printf ("unhydrated:    %llu regions (not compared)\n",
+            (unsigned long long) v.unhydrated);
+  }
+  if (v.mismatched)
+    rc = EXIT_FAILURE;
+ out_buf:
+  free (a);
+  free (b);
+  free (v.bad_off);
+  free (v.bad_len);
+ out:
+  if (d.fd >= 0)
+    close (d.fd);
+  aclone_source_close (src);
+  aclone_meta_close (m);
+  return rc;
+}
+
 int
 main (int argc, char **argv)
 {
@@ -505,5 +687,7 @@ main (int argc, char **argv)
     return cmd_pause_resume (argc, argv, false);
   if (strcmp (cmd, "set") == 0)
     return cmd_set (argc, argv);
+  if (strcmp (cmd, "verify") == 0)
+    return cmd_verify (argc, argv);
   return usage ("unknown command");
 }

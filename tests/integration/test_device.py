@@ -219,6 +219,34 @@ class DeviceTest(CloneTest):
         c.stop()
         self.assertEqual(status(self.meta)["state"], "stopped")
 
+    def test_verify(self):
+        src = self.make_source(seed=9)
+        c = self.clone(src)
+        h = c.connect()
+        h.pwrite(b"w" * RS, 3 * RS)            # written: not compared
+        h.flush()
+        h.shutdown()
+        self.wait_complete(60)
+        # Verify runs while the server runs, too.
+        p = cli("verify", "--json", self.meta, "--source", src.uri,
+                "--dest", self.dest)
+        v = __import__("json").loads(p.stdout)
+        self.assertEqual(v["mismatched"], 0)
+        self.assertEqual(v["written"], 1)
+        self.assertEqual(v["unhydrated"], 0)
+        self.assertEqual(v["compared"], 255)
+        c.stop()
+        # Corrupt one copied region on dest: found, named, exit 1.
+        with open(self.dest, "r+b") as f:
+            f.seek(100 * RS + 10)
+            f.write(b"corrupt")
+        p = cli("verify", self.meta, "--source", src.uri, "--dest", self.dest,
+                check=False)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("offset %d length %d" % (100 * RS, RS), p.stdout)
+        self.assertIn("mismatched:    1 regions", p.stdout)
+        self.assertEqual(cli("verify", check=False).returncode, 2)   # usage
+
     def test_plugin_help_and_dump(self):
         env = dict(os.environ, **SANITIZER_ENV)
         p = subprocess.run(["nbdkit", PLUGIN, "--help"], capture_output=True,
