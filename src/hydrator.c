@@ -63,6 +63,7 @@
 #define MAX_CONNS        64
 #define HYDRATOR_NICE    10                  /* below client threads */
 #define FG_WINDOW_NS     10000000ull         /* clients "active": 10 ms */
+#define STOP_DRAIN_NS    2000000000ull       /* reads finishing at stop */
 
 enum batch_state { B_FREE, B_READING, B_READ_DONE, B_WRITING };
 
@@ -805,7 +806,27 @@ run_ring (struct worker *h)
                     "completions, %llu turns below depth", loops, timeouts,
                     cqes, starved);
 
-  /* Stopping: let dest writes in flight finish, abandon source reads. */
+  /* Stopping.  1. Let source reads in flight finish (for at most
+   * STOP_DRAIN_NS): closing a connection in the middle of a reply makes
+   * the source see a reset (and nbdkit 1.32 even asserts on it).
+   */
+  unsigned long long drain_end = aclone_now_ns () + STOP_DRAIN_NS;
+  while (h->inflight > 0 && aclone_now_ns () < drain_end) {
+    reads_finished (h);
+    arm_polls (h);
+    struct io_uring_cqe *cqe;
+    struct __kernel_timespec ts = { 0, 50000000 };
+    io_uring_submit_and_wait_timeout (&h->ring, &cqe, 1, &ts, NULL);
+    unsigned head, seen = 0;
+    io_uring_for_each_cqe (&h->ring, head, cqe) {
+      handle_cqe (h, cqe);
+      seen++;
+    }
+    io_uring_cq_advance (&h->ring, seen);
+  }
+  /* 2. Close the connections; reads still outstanding are abandoned,
+   * their regions stay unhydrated.  3. Let dest writes finish.
+   */
   for (unsigned i = 0; i < h->nconns; i++)
     conn_close (h, i);
   reads_finished (h);                  /* fails the abandoned reads */

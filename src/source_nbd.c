@@ -261,10 +261,12 @@ nbd_source_close (struct aclone_source *base)
 {
   struct nbd_source *s = (struct nbd_source *) base;
 
-  for (size_t i = 0; i < s->nidle; i++) {
-    nbd_shutdown (s->idle[i], 0);
+  /* Idle connections have nothing in flight: closing them is a clean
+   * EOF for the server, and unlike nbd_shutdown cannot block on a source
+   * that hangs.
+   */
+  for (size_t i = 0; i < s->nidle; i++)
     nbd_close (s->idle[i]);
-  }
   pthread_mutex_destroy (&s->lock);
   pthread_cond_destroy (&s->cond);
   free (s->idle);

@@ -196,6 +196,22 @@ class HydrationTest(CloneTest):
         h.flush()
         h.shutdown()
 
+    def test_stop_mid_hydration_is_clean_for_the_source(self):
+        # Stopping with copies in flight must not reset the source's
+        # connections mid-reply (nbdkit 1.32 asserts and dies on that).
+        src = self.random_source(256 * MiB)
+        for i in range(5):
+            c = self.clone(src, name="clone%d" % i, hydrate_depth="64")
+            time.sleep(0.15 + 0.05 * i)
+            self.assertLess(c.stop(), 3.0)
+            self.servers.remove(c)
+            self.assertTrue(src.alive(), "source died:\n" + src.output())
+        self.assertNotIn("Assertion", src.output())
+        c = self.clone(src, name="final")
+        self.wait_complete(60)
+        c.stop()
+        self.assertEqual(sha(self.dest), sha(self.src_path))
+
     def test_wait_timeout_and_no_server(self):
         src = self.random_source(16 * MiB)
         c = self.clone(src, hydrate="false")
