@@ -5,16 +5,17 @@
 #
 # Both install missing Debian packages first (when run as root).
 
-BUILD     ?= build
-SAN_BUILD ?= build-san
+BUILD      ?= build
+SAN_BUILD  ?= build-san
+FUZZ_BUILD ?= build-fuzz
 MESON     ?= meson
 
 DEBS = gcc pkg-config meson ninja-build \
        nbdkit nbdkit-plugin-dev libnbd-dev libnbd-bin nbdfuse python3-libnbd \
        liburing-dev libbsd-dev libcmocka-dev \
-       qemu-utils e2fsprogs fuse3 util-linux
+       qemu-utils e2fsprogs fuse3 util-linux clang libclang-rt-14-dev
 
-.PHONY: all deps build demo check check-fast check-san install clean
+.PHONY: all deps build demo check check-fast check-san check-fuzz install clean
 
 all: build
 
@@ -65,15 +66,31 @@ check-san: deps $(SAN_BUILD)/build.ninja
 	  $(MESON) test -C $(SAN_BUILD) --print-errorlogs --num-processes 2 || true
 	@python3 tests/summary.py $(SAN_BUILD)/meson-logs/testlog.json
 
+# The metadata parser under libFuzzer (clang, ASan+UBSan), for 30 s;
+# a longer run: make check-fuzz FUZZ_SECONDS=3600 (the corpus it grows is
+# in $(FUZZ_BUILD)/tests/fuzz-corpus).
+FUZZ_SECONDS ?= 30
+$(FUZZ_BUILD)/build.ninja:
+	CC=clang $(MESON) setup $(FUZZ_BUILD) -Dfuzz=true \
+	  -Db_sanitize=address,undefined -Db_lundef=false
+
+check-fuzz: deps $(FUZZ_BUILD)/build.ninja
+	$(MESON) configure $(FUZZ_BUILD) -Dfuzz_seconds=$(FUZZ_SECONDS)
+	$(MESON) compile -C $(FUZZ_BUILD) tests/fuzz_meta
+	$(MESON) test -C $(FUZZ_BUILD) --suite fuzz --print-errorlogs || true
+	@python3 tests/summary.py $(FUZZ_BUILD)/meson-logs/testlog.json
+
 check: build
 	@$(MAKE) --no-print-directory check-fast; a=$$?; \
 	 $(MAKE) --no-print-directory check-san; b=$$?; \
+	 $(MAKE) --no-print-directory check-fuzz; c=$$?; \
 	 python3 tests/summary.py $(BUILD)/meson-logs/testlog.json \
-	   $(SAN_BUILD)/meson-logs/testlog.json | sed 's/^/all: /'; \
-	 [ $$a = 0 ] && [ $$b = 0 ]
+	   $(SAN_BUILD)/meson-logs/testlog.json \
+	   $(FUZZ_BUILD)/meson-logs/testlog.json | sed 's/^/all: /'; \
+	 [ $$a = 0 ] && [ $$b = 0 ] && [ $$c = 0 ]
 
 install: build
 	$(MESON) install -C $(BUILD)
 
 clean:
-	rm -rf $(BUILD) $(SAN_BUILD)
+	rm -rf $(BUILD) $(SAN_BUILD) $(FUZZ_BUILD)
