@@ -73,6 +73,42 @@ struct status {
   int64_t eta;                 /* seconds, -1 unknown */
 };
 
+/* Text from the metadata file is not trusted: control characters and
+ * bytes that are not valid UTF-8 become '?', so that output (and JSON)
+ * stays well-formed whatever the file holds.
+ */
+static void
+sanitize_text (char *s)
+{
+  unsigned char *p = (unsigned char *) s;
+
+  while (*p) {
+    /* Well-formed UTF-8 (RFC 3629): the second byte's range depends on
+     * the first; no overlong forms, no surrogates, nothing past U+10FFFF.
+     */
+    unsigned n = 0, lo = 0x80, hi = 0xbf;
+    if (*p >= 0xc2 && *p <= 0xdf) n = 1;
+    else if (*p >= 0xe0 && *p <= 0xef) {
+      n = 2;
+      if (*p == 0xe0) lo = 0xa0;
+      if (*p == 0xed) hi = 0x9f;
+    }
+    else if (*p >= 0xf0 && *p <= 0xf4) {
+      n = 3;
+      if (*p == 0xf0) lo = 0x90;
+      if (*p == 0xf4) hi = 0x8f;
+    }
+    bool ok = *p >= 0x20 && *p != 0x7f && (*p < 0x80 || n > 0);
+    for (unsigned k = 1; ok && k <= n; k++)
+      ok = p[k] >= (k == 1 ? lo : 0x80) && p[k] <= (k == 1 ? hi : 0xbf);
+    if (!ok) {
+      *p++ = '?';
+      continue;
+    }
+    p += n + 1;
+  }
+}
+
 static uint64_t
 live_u64 (const uint64_t *p)
 {
@@ -100,6 +136,7 @@ read_status (const char *path, const struct aclone_meta *m, struct status *s)
 
   memset (s, 0, sizeof *s);
   s->hdr = m->hdr;
+  sanitize_text (s->hdr.source);
   s->in_use = aclone_meta_in_use (path);
   s->hydrated = committed_hydrated (m);
   if (live_ok) {
@@ -117,9 +154,7 @@ read_status (const char *path, const struct aclone_meta *m, struct status *s)
     s->errors = live_u64 (&l->errors);
     memcpy (s->last_error, l->last_error, sizeof s->last_error);
     s->last_error[sizeof s->last_error - 1] = '\0';
-    for (char *p = s->last_error; *p; p++)   /* the live page is not trusted */
-      if ((unsigned char) *p < 0x20 || (unsigned char) *p == 0x7f)
-        *p = '?';
+    sanitize_text (s->last_error);
   }
   if (m->hdr.flags & ACLONE_FLAG_COMPLETE) {
     s->state = "complete";
@@ -308,7 +343,10 @@ cmd_inspect (int argc, char **argv)
     strftime (tbuf, sizeof tbuf, "%Y-%m-%dT%H:%M:%SZ", gmtime (&t));
     printf ("completed:     %s\n", tbuf);
   }
-  printf ("source:        %s\n", h->source);
+  char source[sizeof h->source];
+  memcpy (source, h->source, sizeof source);
+  sanitize_text (source);
+  printf ("source:        %s\n", source);
   printf ("hydrated:      %llu (committed)\n",
           (unsigned long long) committed_hydrated (m));
   printf ("layout:        live@%llu hydrated@%llu written@%llu bitmap %llu bytes, "

@@ -247,6 +247,63 @@ class DeviceTest(CloneTest):
         self.assertIn("mismatched:    1 regions", p.stdout)
         self.assertEqual(cli("verify", check=False).returncode, 2)   # usage
 
+    def test_garbage_live_page_is_harmless(self):
+        src = self.make_source()
+        c = self.clone(src, hydrate="false")
+        h = c.connect()
+        h.pread(RS, 0)
+        h.shutdown()
+        c.stop()
+        import json
+        import random
+        import struct
+        rnd = random.Random(1)
+        for keep_magic in (False, True):
+            page = bytearray(rnd.randbytes(4096))
+            if keep_magic:
+                page[0:8] = struct.pack("<Q", 0x4556494c454e4f4c)
+            with open(self.meta, "r+b") as f:
+                f.seek(4096)
+                f.write(page)
+            st = json.loads(cli("status", "--json", self.meta).stdout)
+            self.assertEqual(st["state"], "stopped")
+            self.assertLessEqual(st["hydrated"], st["regions"])
+            self.assertNotIn("\n", st["last_error"])
+            self.assertIn("valid:         yes", cli("inspect", self.meta).stdout)
+            # The server starts and serves correct data regardless.
+            c = self.clone(src, name="clone-%d" % keep_magic, hydrate="false",
+                           hydrate_depth="4", copy_on_read="false")
+            h = c.connect()
+            with open(self.src_path, "rb") as f:
+                self.assertEqual(read_all(h), f.read())
+            h.shutdown()
+            self.status_becomes(state="paused")
+            c.stop()
+
+    def test_requests_at_the_edges(self):
+        src = self.make_source()
+        c = self.clone(src, hydrate="false")
+        h = c.connect()
+        with open(self.src_path, "rb") as f:
+            model = f.read()
+        size = len(model)
+        self.assertEqual(h.pread(1, size - 1), model[-1:])
+        self.assertEqual(h.pread(RS + 2, size - RS - 2), model[-RS - 2:])
+        # Past the end: refused, by nbdkit before it reaches us.
+        h.set_strict_mode(0)
+        for off, n in ((size, 1), (size - 1, 2)):
+            with self.assertRaises(nbd.Error):
+                h.pread(n, off)
+        h.set_strict_mode(nbd.STRICT_COMMANDS | nbd.STRICT_BOUNDS)
+        # A large request spanning many regions, unaligned at both ends.
+        big = 16 * MiB - 3
+        self.assertEqual(h.pread(big - 5, 3), model[3:big - 2])
+        h.pwrite(b"e" * (8 * MiB + 1), RS - 1)
+        h.flush()
+        model = model[:RS - 1] + b"e" * (8 * MiB + 1) + model[RS + 8 * MiB:]
+        self.assertEqual(read_all(h), model)
+        h.shutdown()
+
     def test_plugin_help_and_dump(self):
         env = dict(os.environ, **SANITIZER_ENV)
         p = subprocess.run(["nbdkit", PLUGIN, "--help"], capture_output=True,
