@@ -1,7 +1,8 @@
 # aclone: thin wrapper over meson for the README's Quick start.
 #
 #   make demo     clone a disk holding ext4, read a file from the clone
-#   make check    unit + integration tests, then again under ASan/UBSan
+#   make check    unit + integration tests; the unit tests under valgrind;
+#                 everything again under ASan/UBSan; 30 s of fuzzing
 #
 # Both install missing Debian packages first (when run as root).
 
@@ -13,7 +14,7 @@ MESON     ?= meson
 DEBS = gcc pkg-config meson ninja-build \
        nbdkit nbdkit-plugin-dev libnbd-dev libnbd-bin nbdfuse python3-libnbd \
        liburing-dev libbsd-dev libcmocka-dev \
-       qemu-utils e2fsprogs fuse3 util-linux clang libclang-rt-14-dev
+       qemu-utils e2fsprogs fuse3 util-linux clang libclang-rt-14-dev valgrind
 
 .PHONY: all deps build demo check check-fast check-san check-fuzz install clean
 
@@ -45,10 +46,15 @@ build: deps $(BUILD)/build.ninja
 demo: build
 	bash tests/demo.sh
 
-# Unit and integration tests on the normal build.
+# Unit and integration tests on the normal build; the unit tests again
+# under valgrind (memcheck errors and definite leaks fail them).
+VALGRIND = valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite
 check-fast: build
 	$(MESON) test -C $(BUILD) --print-errorlogs --num-processes 2 || true
-	@python3 tests/summary.py $(BUILD)/meson-logs/testlog.json
+	$(MESON) test -C $(BUILD) --suite unit --print-errorlogs --num-processes 2 \
+	  --wrapper '$(VALGRIND)' --logbase valgrind || true
+	@python3 tests/summary.py $(BUILD)/meson-logs/testlog.json \
+	  $(BUILD)/meson-logs/valgrind-valgrind.json
 
 # The same under AddressSanitizer + UndefinedBehaviorSanitizer.  The plugin
 # is loaded by an uninstrumented nbdkit, so the ASan runtime is preloaded
@@ -85,6 +91,7 @@ check: build
 	 $(MAKE) --no-print-directory check-san; b=$$?; \
 	 $(MAKE) --no-print-directory check-fuzz; c=$$?; \
 	 python3 tests/summary.py $(BUILD)/meson-logs/testlog.json \
+	   $(BUILD)/meson-logs/valgrind-valgrind.json \
 	   $(SAN_BUILD)/meson-logs/testlog.json \
 	   $(FUZZ_BUILD)/meson-logs/testlog.json | sed 's/^/all: /'; \
 	 [ $$a = 0 ] && [ $$b = 0 ] && [ $$c = 0 ]
