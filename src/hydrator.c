@@ -76,7 +76,6 @@ struct batch {
   int error;                  /* errno of the read */
   unsigned *read_done;        /* the hydrator's B_READ_DONE count */
   char *buf;
-  size_t buf_len;
 };
 
 struct conn {
@@ -749,7 +748,7 @@ any_conn (struct worker *h)
 static void
 run_ring (struct worker *h)
 {
-  unsigned long long loops = 0, timeouts = 0, cqes = 0, starved = 0;
+  unsigned long long loops = 0, timeouts = 0, cqes = 0;
 
   while (!atomic_load (&h->hy->stop)) {
     loops++;
@@ -766,7 +765,6 @@ run_ring (struct worker *h)
         b->buf = malloc (h->cfg.batch);
         if (!b->buf)
           break;
-        b->buf_len = h->cfg.batch;
       }
       if (!pick (h, b))
         break;
@@ -784,8 +782,6 @@ run_ring (struct worker *h)
 
     struct io_uring_cqe *cqe;
     struct __kernel_timespec ts = { 0, h->inflight ? 50000000 : 20000000 };
-    if (h->inflight < depth_limit (h) && !all_hydrated (h))
-      starved++;
     int r = io_uring_submit_and_wait_timeout (&h->ring, &cqe, 1, &ts, NULL);
     if (r == -ETIME)
       timeouts++;
@@ -802,9 +798,8 @@ run_ring (struct worker *h)
     cqes += seen;
     reads_finished (h);
   }
-  aclone_clone_log (h->c, 0, "hydrator: %llu turns, %llu timeouts, %llu "
-                    "completions, %llu turns below depth", loops, timeouts,
-                    cqes, starved);
+  aclone_clone_log (h->c, 0, "hydrator %u: %llu turns, %llu timeouts, %llu "
+                    "completions", h->id, loops, timeouts, cqes);
 
   /* Stopping.  1. Let source reads in flight finish (for at most
    * STOP_DRAIN_NS): closing a connection in the middle of a reply makes

@@ -347,7 +347,6 @@ aclone_meta_open (const char *path, enum aclone_meta_mode mode,
                m->hdr.live_off + offsetof (struct aclone_live, pid));
         r = aclone_error_set (err, EBUSY, "%s: in use by another aclone server "
                               "(pid %lld)", path, (long long) le64toh (pid));
-        r = -EBUSY;
       }
       else
         r = aclone_error_set (err, errno, "%s: lock", path);
