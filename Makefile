@@ -2,21 +2,25 @@
 #
 #   make demo     clone a disk holding ext4, read a file from the clone
 #   make check    unit + integration tests; the unit tests under valgrind;
-#                 everything again under ASan/UBSan; 30 s of fuzzing
+#                 everything again under ASan/UBSan; unit + concurrency
+#                 tests under TSan; 30 s of fuzzing
 #
 # Both install missing Debian packages first (when run as root).
 
 BUILD      ?= build
 SAN_BUILD  ?= build-san
+TSAN_BUILD ?= build-tsan
 FUZZ_BUILD ?= build-fuzz
 MESON     ?= meson
 
 DEBS = gcc pkg-config meson ninja-build \
        nbdkit nbdkit-plugin-dev libnbd-dev libnbd-bin nbdfuse python3-libnbd \
        liburing-dev libbsd-dev libcmocka-dev \
-       qemu-utils e2fsprogs fuse3 util-linux clang libclang-rt-14-dev valgrind
+       qemu-utils e2fsprogs fuse3 util-linux clang libclang-rt-14-dev valgrind \
+       openssl
 
-.PHONY: all deps build demo check check-fast check-san check-fuzz install clean
+.PHONY: all deps build demo check check-fast check-san check-tsan check-fuzz \
+        install clean
 
 all: build
 
@@ -72,6 +76,20 @@ check-san: deps $(SAN_BUILD)/build.ninja
 	  $(MESON) test -C $(SAN_BUILD) --print-errorlogs --num-processes 2 || true
 	@python3 tests/summary.py $(SAN_BUILD)/meson-logs/testlog.json
 
+# ThreadSanitizer: the unit tests and the concurrency test (4 clients and
+# the hydrator's workers on shared regions).  As with ASan, the runtime is
+# preloaded into nbdkit; a report in a server's log fails the test.
+$(TSAN_BUILD)/build.ninja:
+	$(MESON) setup $(TSAN_BUILD) -Db_sanitize=thread -Db_lundef=false
+
+check-tsan: deps $(TSAN_BUILD)/build.ninja
+	$(MESON) compile -C $(TSAN_BUILD)
+	ACLONE_TEST_PRELOAD="$$(gcc -print-file-name=libtsan.so)" \
+	TSAN_OPTIONS=halt_on_error=0:exitcode=66 \
+	  $(MESON) test -C $(TSAN_BUILD) --print-errorlogs --num-processes 2 \
+	  meta map clone powerloss concurrency || true
+	@python3 tests/summary.py $(TSAN_BUILD)/meson-logs/testlog.json
+
 # The metadata parser under libFuzzer (clang, ASan+UBSan), for 30 s;
 # a longer run: make check-fuzz FUZZ_SECONDS=3600 (the corpus it grows is
 # in $(FUZZ_BUILD)/tests/fuzz-corpus).
@@ -89,15 +107,17 @@ check-fuzz: deps $(FUZZ_BUILD)/build.ninja
 check: build
 	@$(MAKE) --no-print-directory check-fast; a=$$?; \
 	 $(MAKE) --no-print-directory check-san; b=$$?; \
+	 $(MAKE) --no-print-directory check-tsan; d=$$?; \
 	 $(MAKE) --no-print-directory check-fuzz; c=$$?; \
 	 python3 tests/summary.py $(BUILD)/meson-logs/testlog.json \
 	   $(BUILD)/meson-logs/valgrind-valgrind.json \
 	   $(SAN_BUILD)/meson-logs/testlog.json \
+	   $(TSAN_BUILD)/meson-logs/testlog.json \
 	   $(FUZZ_BUILD)/meson-logs/testlog.json | sed 's/^/all: /'; \
-	 [ $$a = 0 ] && [ $$b = 0 ] && [ $$c = 0 ]
+	 [ $$a = 0 ] && [ $$b = 0 ] && [ $$c = 0 ] && [ $$d = 0 ]
 
 install: build
 	$(MESON) install -C $(BUILD)
 
 clean:
-	rm -rf $(BUILD) $(SAN_BUILD) $(FUZZ_BUILD)
+	rm -rf $(BUILD) $(SAN_BUILD) $(TSAN_BUILD) $(FUZZ_BUILD)

@@ -12,18 +12,46 @@
  *                              (before the fork, so errors reach the
  *                              terminal and nbdkit exits non-zero)
  *   after_fork                 start the commit thread and the hydrator
- *                              (DESIGN.md invariant 6)
+ *                              (DESIGN.md invariant 6), and the stop
+ *                              watcher
  *   cleanup                    stop threads, final commit, unlock
+ *
+ * Graceful stop.  nbdkit (1.32, and later versions too) answers SIGTERM
+ * by waiting for every client to disconnect before it calls .cleanup;
+ * an attached kernel client never does, so the clone would stay locked
+ * until SIGKILL.  So we chain a handler onto nbdkit's for the signals it
+ * quits on; it wakes the stop watcher thread, which:
+ *   1. shuts down the read side of every accepted client socket, so that
+ *      nbdkit reads EOF, answers the requests it already has, and closes
+ *      the connection (the client sees the server go away, as at a
+ *      restart; `nbd-client -persist` reconnects);
+ *   2. waits up to STOP_CLIENTS_MS for the connections to close;
+ *   3. stops the hydrator (source reads in flight get up to 1 s);
+ *   4. aclone_clone_shutdown: gate closed, final commit, lock released.
+ * Only the read side is shut down: a reply nbdkit is still writing goes
+ * out whole, and nbdkit 1.32 aborts if a reply write fails while another
+ * thread has one queued.
  */
 #define NBDKIT_API_VERSION 2
 #define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
 
+#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <netinet/in.h>
 
 #include <nbdkit-plugin.h>
 
@@ -39,9 +67,21 @@ static uint32_t block_size;
 static bool copy_on_read = true;
 static unsigned source_connections = 4;
 static unsigned source_timeout = 30;
+static char *tls_certificates;
+static char *tls_psk_file;
+static bool tls_verify = true;
 static struct aclone_hydrator_config hcfg = ACLONE_HYDRATOR_DEFAULTS;
 
 static struct aclone_clone *the_clone;
+
+/* Graceful stop (see the top of the file). */
+#define STOP_CLIENTS_MS 500
+#define STOP_REQUESTS_MS 300
+static const int quit_signals[] = { SIGINT, SIGQUIT, SIGTERM, SIGHUP };
+static struct sigaction nbdkit_actions[4];
+static int stop_pipe[2] = { -1, -1 };
+static pthread_t stop_thread;
+static bool stop_thread_running;
 
 static void
 aclone_unload (void)
@@ -49,6 +89,8 @@ aclone_unload (void)
   free (source_uri);
   free (dest_path);
   free (meta_path);
+  free (tls_certificates);
+  free (tls_psk_file);
 }
 
 static int
@@ -101,7 +143,13 @@ aclone_config (const char *key, const char *value)
   uint64_t v;
 
   if (strcmp (key, "source") == 0) {
+    /* Empty means none, as for a complete clone (an unset variable in
+     * the systemd unit's environment file).
+     */
     free (source_uri);
+    source_uri = NULL;
+    if (!*value)
+      return 0;
     source_uri = strdup (value);
     return source_uri ? 0 : -1;
   }
@@ -130,7 +178,19 @@ aclone_config (const char *key, const char *value)
   if (strcmp (key, "source-connections") == 0)
     return parse_uint (key, value, 1, 64, &source_connections);
   if (strcmp (key, "source-timeout") == 0)
-    return parse_uint (key, value, 0, 86400, &source_timeout);
+    return parse_uint (key, value, 1, 86400, &source_timeout);
+  if (strcmp (key, "source-tls-certificates") == 0) {
+    free (tls_certificates);
+    tls_certificates = nbdkit_absolute_path (value);
+    return tls_certificates ? 0 : -1;
+  }
+  if (strcmp (key, "source-tls-psk") == 0) {
+    free (tls_psk_file);
+    tls_psk_file = nbdkit_absolute_path (value);
+    return tls_psk_file ? 0 : -1;
+  }
+  if (strcmp (key, "source-tls-verify") == 0)
+    return parse_bool (key, value, &tls_verify);
   if (strcmp (key, "hydrate") == 0) {
     bool on;
     if (parse_bool (key, value, &on) < 0)
@@ -161,6 +221,24 @@ aclone_config_complete (void)
                   "that is not complete)");
     return -1;
   }
+  /* Check now what libnbd would only find at the first connect, and so
+   * that the message names the parameter.  Only the file's readability
+   * is checked: aclone never reads the keys itself.
+   */
+  if (tls_psk_file && access (tls_psk_file, R_OK) < 0) {
+    nbdkit_error ("source-tls-psk=%s: %m", tls_psk_file);
+    return -1;
+  }
+  if (tls_certificates && access (tls_certificates, R_OK | X_OK) < 0) {
+    nbdkit_error ("source-tls-certificates=%s: %m", tls_certificates);
+    return -1;
+  }
+  if ((tls_psk_file || tls_certificates || !tls_verify) &&
+      (!source_uri || !aclone_source_uri_is_tls (source_uri))) {
+    nbdkit_error ("source-tls-* given, but source= is not an nbds:// or "
+                  "nbds+unix:// URI");
+    return -1;
+  }
   return 0;
 }
 
@@ -177,8 +255,11 @@ aclone_config_complete (void)
   "                       (default true).\n" \
   "source-connections=N   Connections to the source (default 4; 1 when the\n" \
   "                       source lacks multi-conn).\n" \
-  "source-timeout=SECS    How long a read waits for a lost source before\n" \
-  "                       failing with EIO (default 30).\n" \
+  "source-timeout=SECS    How long a source read may take, the source\n" \
+  "                       lost or hung, before EIO (default 30).\n" \
+  "source-tls-certificates=DIR  CA and client certificates for nbds://.\n" \
+  "source-tls-psk=FILE    Pre-shared keys file (user:hexkey) for nbds://.\n" \
+  "source-tls-verify=BOOL Check the source's certificate (default true).\n" \
   "hydrate=BOOL           Run background hydration (default true; false\n" \
   "                       starts paused: 'aclone resume META').\n" \
   "hydrate-rate=SIZE      Hydration rate limit in bytes/s (default 0 =\n" \
@@ -191,8 +272,189 @@ aclone_dump_plugin (void)
 {
   printf ("aclone_version=%s\n", ACLONE_VERSION);
   printf ("aclone_params=source,dest,meta,block-size,copy-on-read,"
-          "source-connections,source-timeout,hydrate,hydrate-rate,"
+          "source-connections,source-timeout,source-tls-certificates,"
+          "source-tls-psk,source-tls-verify,hydrate,hydrate-rate,"
           "hydrate-batch,hydrate-depth\n");
+}
+
+/* Stop watcher --------------------------------------------------- */
+
+static void
+on_quit_signal (int sig)
+{
+  int saved = errno;
+
+  for (size_t i = 0; i < sizeof quit_signals / sizeof *quit_signals; i++) {
+    if (quit_signals[i] != sig)
+      continue;
+    void (*fn) (int) = nbdkit_actions[i].sa_handler;
+    if (fn != SIG_DFL && fn != SIG_IGN)
+      fn (sig);                            /* nbdkit's: sets its quit flag */
+  }
+  if (write (stop_pipe[1], "q", 1) < 0) {
+    /* The pipe is full: the watcher has been woken already. */
+  }
+  errno = saved;
+}
+
+/* Two socket addresses are the same endpoint: a Unix path, or an IP
+ * port (the listener's address may be the wildcard).
+ */
+static bool
+same_endpoint (const struct sockaddr_storage *l, const struct sockaddr_storage *a)
+{
+  if (l->ss_family != a->ss_family)
+    return false;
+  switch (l->ss_family) {
+  case AF_UNIX: {
+    const struct sockaddr_un *x = (const void *) l, *y = (const void *) a;
+    return x->sun_path[0] && strncmp (x->sun_path, y->sun_path,
+                                      sizeof x->sun_path) == 0;
+  }
+  case AF_INET:
+    return ((const struct sockaddr_in *) l)->sin_port ==
+           ((const struct sockaddr_in *) a)->sin_port;
+  case AF_INET6:
+    return ((const struct sockaddr_in6 *) l)->sin6_port ==
+           ((const struct sockaddr_in6 *) a)->sin6_port;
+  default:
+    return false;
+  }
+}
+
+/* Find the client connections nbdkit accepted: the sockets whose local
+ * address is that of one of nbdkit's listening sockets (our own source
+ * connections have other local addresses).  With shut, shut down their
+ * read side.  Returns how many there are.  (nbdkit has no API for this
+ * before 1.34's nbdkit_disconnect, and that one only acts on the calling
+ * connection.  Nor can .close count them: nbdkit skips it once it is
+ * quitting.)
+ */
+static unsigned
+client_sockets (bool shut)
+{
+  struct sock {
+    int fd;
+    bool listening;
+    struct sockaddr_storage addr;
+  } socks[256];
+  size_t n = 0;
+  unsigned done = 0;
+  DIR *d = opendir ("/proc/self/fd");
+
+  if (!d) {
+    nbdkit_error ("/proc/self/fd: %m");
+    return 0;
+  }
+  struct dirent *e;
+  while ((e = readdir (d)) != NULL && n < sizeof socks / sizeof *socks) {
+    int fd = atoi (e->d_name);
+    struct stat st;
+    int acc = 0;
+    socklen_t len = sizeof acc;
+    if (e->d_name[0] == '.' || fd == dirfd (d) ||
+        fstat (fd, &st) < 0 || !S_ISSOCK (st.st_mode) ||
+        getsockopt (fd, SOL_SOCKET, SO_ACCEPTCONN, &acc, &len) < 0)
+      continue;
+    socks[n].fd = fd;
+    socks[n].listening = acc != 0;
+    len = sizeof socks[n].addr;
+    memset (&socks[n].addr, 0, sizeof socks[n].addr);
+    if (getsockname (fd, (struct sockaddr *) &socks[n].addr, &len) < 0)
+      continue;
+    n++;
+  }
+  closedir (d);
+  for (size_t i = 0; i < n; i++) {
+    if (socks[i].listening)
+      continue;
+    for (size_t j = 0; j < n; j++)
+      if (socks[j].listening && same_endpoint (&socks[j].addr, &socks[i].addr)) {
+        if (shut)
+          shutdown (socks[i].fd, SHUT_RD);
+        done++;
+        break;
+      }
+  }
+  return done;
+}
+
+static void *
+stop_watcher (void *arg)
+{
+  char why = 0;
+  (void) arg;
+
+  while (read (stop_pipe[0], &why, 1) < 0 && errno == EINTR)
+    ;
+  unsigned long long t0 = aclone_now_ns ();
+  if (why == 'q') {
+    /* 1, 2: the clients go first, so that their last requests are
+     * answered rather than refused.
+     */
+    unsigned n = client_sockets (true), left = n;
+    unsigned long long end = t0 + STOP_CLIENTS_MS * 1000000ull;
+    while (left > 0 && aclone_now_ns () < end) {
+      struct timespec ts = { 0, 2000000 };
+      nanosleep (&ts, NULL);
+      left = client_sockets (false);
+    }
+    if (n)
+      fprintf (stderr, "nbdkit: aclone: stopping: disconnected %u client "
+               "connection(s)%s\n", n, left ? ", some still closing" : "");
+  }
+  /* 3, 4 */
+  aclone_hydrator_stop (the_clone);
+  int r = aclone_clone_shutdown (the_clone, STOP_REQUESTS_MS);
+  if (why == 'q')
+    fprintf (stderr, "nbdkit: aclone: stopped in %llu ms%s\n",
+             (aclone_now_ns () - t0) / 1000000,
+             r == 0 ? ", metadata committed and unlocked" : "");
+  return NULL;
+}
+
+/* Chain our handler onto nbdkit's (installed before after_fork). */
+static int
+start_stop_watcher (void)
+{
+  if (pipe2 (stop_pipe, O_CLOEXEC | O_NONBLOCK) < 0) {
+    nbdkit_error ("pipe: %m");
+    return -1;
+  }
+  /* Only the write end is non-blocking: the watcher blocks on read. */
+  fcntl (stop_pipe[0], F_SETFL, 0);
+  int err = pthread_create (&stop_thread, NULL, stop_watcher, NULL);
+  if (err) {
+    errno = err;
+    nbdkit_error ("cannot start the stop watcher: %m");
+    return -1;
+  }
+  stop_thread_running = true;
+  for (size_t i = 0; i < sizeof quit_signals / sizeof *quit_signals; i++) {
+    struct sigaction sa = { .sa_handler = on_quit_signal, .sa_flags = SA_RESTART };
+    sigfillset (&sa.sa_mask);
+    sigaction (quit_signals[i], &sa, &nbdkit_actions[i]);
+  }
+  return 0;
+}
+
+/* At .cleanup: restore nbdkit's handlers, wake the watcher if no signal
+ * did, and wait for it.
+ */
+static void
+stop_stop_watcher (void)
+{
+  if (!stop_thread_running)
+    return;
+  for (size_t i = 0; i < sizeof quit_signals / sizeof *quit_signals; i++)
+    sigaction (quit_signals[i], &nbdkit_actions[i], NULL);
+  if (write (stop_pipe[1], "c", 1) < 0) {
+    /* Full: it has been woken. */
+  }
+  pthread_join (stop_thread, NULL);
+  stop_thread_running = false;
+  close (stop_pipe[0]);
+  close (stop_pipe[1]);
 }
 
 /* Errors through nbdkit_error (stderr or syslog, as nbdkit logs);
@@ -227,6 +489,9 @@ aclone_get_ready (void)
       .uri = source_uri,
       .connections = source_connections,
       .timeout_s = source_timeout,
+      .tls_certificates = tls_certificates,
+      .tls_psk_file = tls_psk_file,
+      .tls_no_verify = !tls_verify,
     };
     if (aclone_source_nbd_open (&scfg, &src, &err) < 0) {
       nbdkit_error ("%s", err.msg);
@@ -255,13 +520,14 @@ aclone_after_fork (void)
     nbdkit_error ("%s", err.msg);
     return -1;
   }
-  return 0;
+  return start_stop_watcher ();
 }
 
 static void
 aclone_cleanup (void)
 {
   if (the_clone) {
+    stop_stop_watcher ();
     aclone_hydrator_stop (the_clone);
     aclone_clone_close (the_clone);
     the_clone = NULL;

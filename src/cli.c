@@ -44,6 +44,7 @@ static const char usage_text[] =
   "  set META rate=SIZE depth=N  hydration rate limit in bytes/s (0 = none),\n"
   "                              copies in flight (0 = server default)\n"
   "  verify [--json] META --source URI --dest PATH\n"
+  "         [--tls-certificates DIR] [--tls-psk FILE] [--no-tls-verify]\n"
   "                              compare every copied, never-written region\n"
   "                              of PATH with the source; exit 0 if all match\n"
   "\n"
@@ -556,8 +557,12 @@ cmd_verify (int argc, char **argv)
     { "json", no_argument, NULL, 'j' },
     { "source", required_argument, NULL, 's' },
     { "dest", required_argument, NULL, 'd' },
+    { "tls-certificates", required_argument, NULL, 'c' },
+    { "tls-psk", required_argument, NULL, 'p' },
+    { "no-tls-verify", no_argument, NULL, 'n' },
     { NULL, 0, NULL, 0 } };
   const char *uri = NULL, *dest_path = NULL;
+  struct aclone_source_config scfg = { .connections = 1, .timeout_s = 30 };
   bool json = false;
   int c;
 
@@ -566,6 +571,9 @@ cmd_verify (int argc, char **argv)
     case 'j': json = true; break;
     case 's': uri = optarg; break;
     case 'd': dest_path = optarg; break;
+    case 'c': scfg.tls_certificates = optarg; break;
+    case 'p': scfg.tls_psk_file = optarg; break;
+    case 'n': scfg.tls_no_verify = true; break;
     default: return usage (NULL);
     }
   }
@@ -578,8 +586,7 @@ cmd_verify (int argc, char **argv)
   struct aclone_source *src = NULL;
   if (open_meta (path, ACLONE_META_READ, &m) < 0)
     return EXIT_FAILURE;
-  struct aclone_source_config scfg = { .uri = uri, .connections = 1,
-                                       .timeout_s = 30 };
+  scfg.uri = uri;
   if (aclone_source_nbd_open (&scfg, &src, &err) < 0) {
     fprintf (stderr, "aclone: %s\n", err.msg);
     aclone_meta_close (m);

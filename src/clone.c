@@ -222,9 +222,9 @@ aclone_clone_skip_zero_locked (struct aclone_clone *c, uint64_t first,
   return 0;
 }
 
-int
-aclone_clone_pread (struct aclone_clone *c, void *buf, uint32_t count,
-                    uint64_t offset)
+static int
+clone_pread (struct aclone_clone *c, void *buf, uint32_t count,
+             uint64_t offset)
 {
   uint64_t pos = offset, end = offset + count;
 
@@ -414,30 +414,30 @@ apply (struct aclone_clone *c, const struct wop *w, uint32_t count,
   return ret;
 }
 
-int
-aclone_clone_pwrite (struct aclone_clone *c, const void *buf, uint32_t count,
-                     uint64_t offset, bool fua)
+static int
+clone_pwrite (struct aclone_clone *c, const void *buf, uint32_t count,
+              uint64_t offset, bool fua)
 {
   struct wop w = { .data = buf };
   return apply (c, &w, count, offset, fua);
 }
 
-int
-aclone_clone_zero (struct aclone_clone *c, uint32_t count, uint64_t offset,
+static int
+clone_zero (struct aclone_clone *c, uint32_t count, uint64_t offset,
                    bool may_trim, bool fast, bool fua)
 {
   struct wop w = { .data = NULL, .punch = may_trim, .fast = fast };
   return apply (c, &w, count, offset, fua);
 }
 
-int
-aclone_clone_flush (struct aclone_clone *c)
+static int
+clone_flush (struct aclone_clone *c)
 {
   return aclone_clone_commit (c);
 }
 
-int
-aclone_clone_cache (struct aclone_clone *c, uint32_t count, uint64_t offset)
+static int
+clone_cache (struct aclone_clone *c, uint32_t count, uint64_t offset)
 {
   if (count == 0 || atomic_load (&c->complete))
     return 0;
@@ -481,9 +481,9 @@ src_extent_cb (void *opaque, uint64_t off, uint64_t len, bool zero)
   return s->ret < 0 || s->req_one || s->pos >= s->end;
 }
 
-int
-aclone_clone_extents (struct aclone_clone *c, uint32_t count, uint64_t offset,
-                      bool req_one, aclone_status_fn fn, void *opaque)
+static int
+clone_extents (struct aclone_clone *c, uint32_t count, uint64_t offset,
+               bool req_one, aclone_status_fn fn, void *opaque)
 {
   uint64_t pos = offset, end = offset + count;
   int runs = 0, ret = 0;
@@ -610,6 +610,76 @@ aclone_clone_commit (struct aclone_clone *c)
   pthread_mutex_unlock (&c->commit_lock);
   return r;
 }
+
+/* Request gate ------------------------------------------------------
+ *
+ * Every client request passes the gate: aclone_clone_shutdown closes it
+ * and then waits until no request is inside, so that its final commit
+ * covers every request that was answered.  Enter increments first and
+ * checks second (both sequentially consistent): shutdown sets the flag
+ * first and reads the count second, so one of the two always sees the
+ * other.
+ */
+static bool
+gate_enter (struct aclone_clone *c)
+{
+  atomic_fetch_add (&c->requests, 1);
+  if (atomic_load (&c->gate_closed)) {
+    atomic_fetch_sub (&c->requests, 1);
+    return false;
+  }
+  return true;
+}
+
+static void
+gate_leave (struct aclone_clone *c)
+{
+  atomic_fetch_sub (&c->requests, 1);
+}
+
+#define GATED(c, call) \
+  ({ int r_ = -ESHUTDOWN; if (gate_enter (c)) { r_ = (call); gate_leave (c); } r_; })
+
+int
+aclone_clone_pread (struct aclone_clone *c, void *buf, uint32_t count,
+                    uint64_t offset)
+{
+  return GATED (c, clone_pread (c, buf, count, offset));
+}
+
+int
+aclone_clone_pwrite (struct aclone_clone *c, const void *buf, uint32_t count,
+                     uint64_t offset, bool fua)
+{
+  return GATED (c, clone_pwrite (c, buf, count, offset, fua));
+}
+
+int
+aclone_clone_zero (struct aclone_clone *c, uint32_t count, uint64_t offset,
+                   bool may_trim, bool fast, bool fua)
+{
+  return GATED (c, clone_zero (c, count, offset, may_trim, fast, fua));
+}
+
+int
+aclone_clone_flush (struct aclone_clone *c)
+{
+  return GATED (c, clone_flush (c));
+}
+
+int
+aclone_clone_cache (struct aclone_clone *c, uint32_t count, uint64_t offset)
+{
+  return GATED (c, clone_cache (c, count, offset));
+}
+
+int
+aclone_clone_extents (struct aclone_clone *c, uint32_t count, uint64_t offset,
+                      bool req_one, aclone_status_fn fn, void *opaque)
+{
+  return GATED (c, clone_extents (c, count, offset, req_one, fn, opaque));
+}
+
 
 /* Live page -------------------------------------------------------- */
 
@@ -846,19 +916,39 @@ aclone_clone_open (const struct aclone_clone_config *cfg,
   return r;
 }
 
-void
-aclone_clone_close (struct aclone_clone *c)
+int
+aclone_clone_shutdown (struct aclone_clone *c, unsigned drain_ms)
 {
   struct aclone_error err;
+  int ret = 0;
 
-  if (!c)
-    return;
+  if (c->shut)
+    return 0;
+  c->shut = true;
+
+  /* 1. Close the gate; requests waiting for a lost source give up. */
+  atomic_store (&c->gate_closed, true);
+  pthread_rwlock_rdlock (&c->src_lock);
+  if (c->src)
+    atomic_store (&c->src->cancelled, true);
+  pthread_rwlock_unlock (&c->src_lock);
+
+  /* 2. Let the requests inside finish. */
+  unsigned long long end = aclone_now_ns () + drain_ms * 1000000ull;
+  while (atomic_load (&c->requests) > 0 && aclone_now_ns () < end) {
+    struct timespec ts = { 0, 1000000 };
+    nanosleep (&ts, NULL);
+  }
+  bool drained = atomic_load (&c->requests) == 0;
+
+  /* 3. Stop the ticker and commit for the last time. */
   if (c->ticker_running) {
     pthread_mutex_lock (&c->tick_lock);
     c->stopping = true;
     pthread_cond_signal (&c->tick_cond);
     pthread_mutex_unlock (&c->tick_lock);
     pthread_join (c->ticker, NULL);
+    c->ticker_running = false;
   }
   int r = aclone_clone_commit (c);
   if (r == 0 && c->dest_zero && !atomic_load (&c->dest_tainted) &&
@@ -869,6 +959,27 @@ aclone_clone_close (struct aclone_clone *c)
   }
   aclone_clone_publish (c, ACLONE_STATE_STOPPED);
   __atomic_store_n (&c->meta->live->pid, 0, __ATOMIC_RELAXED);
+
+  /* 4. Release the lock, so that a new server may start at once, but
+   * only when no request can still write: one stuck inside keeps it
+   * until the process exits.
+   */
+  if (drained && r == 0)
+    aclone_meta_unlock (c->meta);
+  else {
+    aclone_clone_log (c, 1, "%s: a request is still in progress; the lock "
+                      "is released when the server exits", c->meta->path);
+    ret = -EBUSY;
+  }
+  return r < 0 ? r : ret;
+}
+
+void
+aclone_clone_close (struct aclone_clone *c)
+{
+  if (!c)
+    return;
+  aclone_clone_shutdown (c, 10000);
   aclone_source_close (c->src);
   aclone_dest_close (c->dest);
   aclone_meta_close (c->meta);

@@ -63,7 +63,7 @@
 #define MAX_CONNS        64
 #define HYDRATOR_NICE    10                  /* below client threads */
 #define FG_WINDOW_NS     10000000ull         /* clients "active": 10 ms */
-#define STOP_DRAIN_NS    2000000000ull       /* reads finishing at stop */
+#define STOP_DRAIN_NS    1000000000ull       /* reads finishing at stop */
 
 enum batch_state { B_FREE, B_READING, B_READ_DONE, B_WRITING };
 
@@ -83,6 +83,7 @@ struct conn {
   unsigned gen;               /* tags CQEs: stale polls are ignored */
   bool polled;
   unsigned busy;              /* batches reading on it */
+  unsigned long long progress_ns; /* last reply, or when it became busy */
   unsigned long long retry_at;
 };
 
@@ -505,6 +506,7 @@ conn_close (struct worker *h, unsigned i)
     if (b->state == B_READING && b->conn == (int) i) {
       b->error = ENOTCONN;
       b->state = B_READ_DONE;
+      b->conn = -1;
       h->read_done++;
     }
   }
@@ -569,7 +571,8 @@ issue_read (struct worker *h, struct batch *b)
         conn_close (h, i);
       continue;
     }
-    k->busy++;
+    if (k->busy++ == 0)
+      k->progress_ns = aclone_now_ns ();
     return true;
   }
   return false;
@@ -624,8 +627,10 @@ reads_finished (struct worker *h)
     if (b->state != B_READ_DONE)
       continue;
     h->read_done--;
-    if (b->conn >= 0 && h->conns[b->conn].busy)
+    if (b->conn >= 0 && h->conns[b->conn].busy) {
       h->conns[b->conn].busy--;
+      h->conns[b->conn].progress_ns = aclone_now_ns ();
+    }
     if (b->error) {
       aclone_clone_error (h->c, "hydrator: source %s: read %llu bytes at %llu: %s",
                           h->c->src ? h->c->src->desc : "",
@@ -745,6 +750,34 @@ any_conn (struct worker *h)
   return false;
 }
 
+/* A source that hangs with its connection up never completes our reads
+ * and never closes: treat a connection that has had reads outstanding
+ * and no reply for the source timeout as lost.
+ */
+static void
+check_stalls (struct worker *h)
+{
+  struct aclone_clone *c = h->c;
+  unsigned long long now = aclone_now_ns ();
+
+  pthread_rwlock_rdlock (&c->src_lock);
+  unsigned timeout_s = c->src ? c->src->timeout_s : 0;
+  for (unsigned i = 0; timeout_s && i < h->nconns; i++) {
+    struct conn *k = &h->conns[i];
+    if (!k->h || k->busy == 0 ||
+        now - k->progress_ns < timeout_s * 1000000000ull)
+      continue;
+    aclone_clone_error (c, "hydrator: source %s: no reply for %u s, "
+                        "reconnecting", c->src->desc, timeout_s);
+    failed (h);
+    conn_close (h, i);
+    unsigned long long zero = 0;
+    atomic_compare_exchange_strong (&c->src->outage_since_ns, &zero,
+                                    aclone_wall_ns ());
+  }
+  pthread_rwlock_unlock (&c->src_lock);
+}
+
 static void
 run_ring (struct worker *h)
 {
@@ -755,6 +788,7 @@ run_ring (struct worker *h)
     if (all_hydrated (h) && h->inflight == 0)
       break;
     measure (h);
+    check_stalls (h);
     conns_refill (h);
 
     /* Start batches while allowed. */

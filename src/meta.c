@@ -434,6 +434,13 @@ aclone_meta_in_use (const char *path)
 }
 
 void
+aclone_meta_unlock (struct aclone_meta *m)
+{
+  if (m->fd >= 0)
+    flock (m->fd, LOCK_UN);
+}
+
+void
 aclone_meta_close (struct aclone_meta *m)
 {
   if (!m)

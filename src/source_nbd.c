@@ -3,18 +3,31 @@
  * Design notes
  * ------------
  * Callers (client request threads, and the hydrator for its metadata
- * queries) check a connection out of the pool, use it with libnbd's
- * synchronous API, and check it back in.  At most `connections` exist;
- * the first is opened by aclone_source_nbd_open, the others on demand.
+ * queries) check a connection out of the pool, run one command on it, and
+ * check it back in.  At most `connections` exist; the first is opened by
+ * aclone_source_nbd_open, the others on demand.
  *
- * A connection is "dead" when libnbd says so (nbd_aio_is_dead/closed):
- * the server went away.  Dead connections are closed and the call is
- * retried on a fresh one with exponential backoff (100 ms .. 2 s) until
- * `timeout_s` has passed since the call began; then the call fails with
- * EIO.  A plain error reply on a live connection (say EIO from the
- * source's disk) is returned at once: retrying it is the hydrator's job.
- * While any call is waiting for the source, outage_since_ns says since
- * when, for the live page.
+ * Every call has a deadline, `timeout_s` after it began, and every wait
+ * is bounded by it: for a free connection, for a connect and handshake,
+ * for the reply.  That is why commands go through libnbd's asynchronous
+ * API driven by nbd_poll in slices of at most 100 ms (also so that a
+ * shutdown, `cancelled`, is seen quickly), not its blocking calls, which
+ * would wait forever on a source that hangs with its socket up.
+ *
+ * Two ways to lose the source:
+ *   - dead: libnbd says so (nbd_aio_is_dead/closed), the server went
+ *     away.  The connection is closed and the call retried on a fresh one
+ *     with exponential backoff (100 ms .. 2 s) until the deadline.
+ *   - hung: no reply by the deadline on a live connection.  It is closed
+ *     (its state is unknown: a late reply must not be taken for another
+ *     command's) and the call fails.
+ * Either way the call fails with EIO at its deadline.  A plain error
+ * reply on a live connection (say EIO from the source's disk) is
+ * returned at once: retrying it is the hydrator's job.  While the source
+ * is lost, outage_since_ns says since when, for the live page.
+ *
+ * TLS settings are applied to every connection, the first and every
+ * reconnect alike.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -22,6 +35,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 
 #include <libnbd.h>
@@ -34,6 +48,8 @@
 struct nbd_source {
   struct aclone_source base;
   char *uri;
+  char *tls_certificates, *tls_psk_file;
+  bool tls_no_verify;
   unsigned timeout_s;
   unsigned max;                     /* pool size */
   bool can_extents;
@@ -68,11 +84,62 @@ aclone_source_describe (const char *uri, char *out, size_t outlen)
   snprintf (out, outlen, "%s%s", buf, sock);
 }
 
-/* Open one connection.  On failure fills err (when non-NULL). */
+bool
+aclone_source_uri_is_tls (const char *uri)
+{
+  return strncasecmp (uri, "nbds:", 5) == 0 || strncasecmp (uri, "nbds+", 5) == 0;
+}
+
+static unsigned long long
+deadline_after (unsigned seconds)
+{
+  return aclone_now_ns () + seconds * 1000000000ull;
+}
+
+/* Drive h until the connect (cookie < 0) or the command `cookie` is done,
+ * the deadline passes or the source is cancelled.  Returns 0, -ETIMEDOUT,
+ * -ESHUTDOWN, or another -errno with libnbd's message in its error.
+ */
+static int
+drive (struct nbd_source *s, struct nbd_handle *h, int64_t cookie,
+       unsigned long long deadline)
+{
+  for (;;) {
+    if (cookie < 0) {
+      if (!nbd_aio_is_connecting (h) && !nbd_aio_is_created (h))
+        return nbd_aio_is_ready (h) ? 0 : -ECONNREFUSED;
+    }
+    else {
+      int r = nbd_aio_command_completed (h, cookie);
+      if (r == 1)
+        return 0;
+      if (r < 0) {
+        int e = nbd_get_errno ();
+        return -(e ? e : EIO);
+      }
+    }
+    if (atomic_load (&s->base.cancelled))
+      return -ESHUTDOWN;
+    unsigned long long now = aclone_now_ns ();
+    if (now >= deadline)
+      return -ETIMEDOUT;
+    unsigned long long left_ms = (deadline - now + 999999) / 1000000;
+    if (nbd_poll (h, left_ms < 100 ? (int) left_ms : 100) < 0) {
+      int e = nbd_get_errno ();
+      return -(e ? e : EIO);
+    }
+  }
+}
+
+/* Open one connection, waiting at most until deadline.  On failure fills
+ * err (when non-NULL) and returns NULL.
+ */
 static struct nbd_handle *
-connect_one (struct nbd_source *s, struct aclone_error *err)
+connect_one (struct nbd_source *s, unsigned long long deadline,
+             struct aclone_error *err)
 {
   struct nbd_handle *h = nbd_create ();
+  int r = -EIO;
 
   if (!h) {
     aclone_error_set (err, 0, "source %s: %s", s->base.desc, nbd_get_error ());
@@ -83,9 +150,21 @@ connect_one (struct nbd_source *s, struct aclone_error *err)
    * libnbd's defensive zeroing of read buffers is pure cost here.
    */
   nbd_set_pread_initialize (h, false);
-  if (nbd_add_meta_context (h, LIBNBD_CONTEXT_BASE_ALLOCATION) < 0 ||
-      nbd_connect_uri (h, s->uri) < 0) {
-    aclone_error_set (err, 0, "source %s: %s", s->base.desc, nbd_get_error ());
+  if ((s->tls_certificates &&
+       nbd_set_tls_certificates (h, s->tls_certificates) < 0) ||
+      (s->tls_psk_file && nbd_set_tls_psk_file (h, s->tls_psk_file) < 0) ||
+      (s->tls_no_verify && nbd_set_tls_verify_peer (h, false) < 0) ||
+      nbd_add_meta_context (h, LIBNBD_CONTEXT_BASE_ALLOCATION) < 0 ||
+      nbd_aio_connect_uri (h, s->uri) < 0 ||
+      (r = drive (s, h, -1, deadline)) < 0) {
+    if (r == -ETIMEDOUT)
+      aclone_error_set (err, 0, "source %s: no answer within %u s",
+                        s->base.desc, s->timeout_s);
+    else if (r == -ESHUTDOWN)
+      aclone_error_set (err, 0, "source %s: shutting down", s->base.desc);
+    else
+      aclone_error_set (err, 0, "source %s: %s", s->base.desc,
+                        nbd_get_error () ? nbd_get_error () : "cannot connect");
     nbd_close (h);
     return NULL;
   }
@@ -93,16 +172,32 @@ connect_one (struct nbd_source *s, struct aclone_error *err)
 }
 
 /* Check out a connection, opening one if the pool has room.  Returns
- * NULL if opening failed (the source is unreachable).
+ * NULL if opening failed (the source is unreachable) or the deadline
+ * passed while every connection was busy.
  */
 static struct nbd_handle *
-acquire (struct nbd_source *s)
+acquire (struct nbd_source *s, unsigned long long deadline)
 {
   struct nbd_handle *h = NULL;
 
   pthread_mutex_lock (&s->lock);
-  while (s->nidle == 0 && s->total >= s->max)
-    pthread_cond_wait (&s->cond, &s->lock);
+  while (s->nidle == 0 && s->total >= s->max) {
+    unsigned long long now = aclone_now_ns ();
+    if (now >= deadline || atomic_load (&s->base.cancelled)) {
+      pthread_mutex_unlock (&s->lock);
+      return NULL;
+    }
+    /* Bounded slices: the condition variable uses CLOCK_MONOTONIC. */
+    struct timespec ts;
+    clock_gettime (CLOCK_MONOTONIC, &ts);
+    unsigned long long nap = deadline - now < 100000000ull ? deadline - now : 100000000ull;
+    ts.tv_nsec += nap;
+    if (ts.tv_nsec >= 1000000000) {
+      ts.tv_sec++;
+      ts.tv_nsec -= 1000000000;
+    }
+    pthread_cond_timedwait (&s->cond, &s->lock, &ts);
+  }
   if (s->nidle > 0)
     h = s->idle[--s->nidle];
   else
@@ -111,7 +206,7 @@ acquire (struct nbd_source *s)
   if (h)
     return h;
 
-  h = connect_one (s, NULL);
+  h = connect_one (s, deadline, NULL);
   if (!h) {
     pthread_mutex_lock (&s->lock);
     s->total--;
@@ -121,10 +216,13 @@ acquire (struct nbd_source *s)
   return h;
 }
 
+/* Check a connection back in; a dead one, or one we gave up waiting on
+ * (discard), is closed instead.
+ */
 static void
-release (struct nbd_source *s, struct nbd_handle *h)
+release (struct nbd_source *s, struct nbd_handle *h, bool discard)
 {
-  bool dead = nbd_aio_is_dead (h) || nbd_aio_is_closed (h);
+  bool dead = discard || nbd_aio_is_dead (h) || nbd_aio_is_closed (h);
 
   if (dead)
     nbd_close (h);
@@ -164,44 +262,69 @@ extent_cb (void *opaque, const char *context, uint64_t offset,
   return 0;
 }
 
+/* Issue c on h and wait for its reply until deadline. */
 static int
-run_call (struct nbd_handle *h, struct call *c)
+run_call (struct nbd_source *s, struct nbd_handle *h, struct call *c,
+          unsigned long long deadline)
 {
+  int64_t cookie;
+
   if (c->kind == CALL_PREAD)
-    return nbd_pread (h, c->buf, c->count, c->offset, 0);
-  nbd_extent_callback cb = { .callback = extent_cb, .user_data = c };
-  return nbd_block_status (h, c->count, c->offset, cb, 0);
+    cookie = nbd_aio_pread (h, c->buf, c->count, c->offset,
+                            NBD_NULL_COMPLETION, 0);
+  else {
+    nbd_extent_callback cb = { .callback = extent_cb, .user_data = c };
+    cookie = nbd_aio_block_status (h, c->count, c->offset, cb,
+                                   NBD_NULL_COMPLETION, 0);
+  }
+  if (cookie < 0) {
+    int e = nbd_get_errno ();
+    return -(e ? e : EIO);
+  }
+  return drive (s, h, cookie, deadline);
 }
 
-/* Run one call, riding out a lost source for up to timeout_s. */
+/* The source is lost: record since when, for the live page. */
+static void
+note_outage (struct nbd_source *s)
+{
+  unsigned long long zero = 0;
+  atomic_compare_exchange_strong (&s->base.outage_since_ns, &zero,
+                                  aclone_wall_ns ());
+}
+
+/* Run one call within timeout_s, riding out a lost source. */
 static int
 with_retry (struct nbd_source *s, struct call *c)
 {
-  unsigned long long start = aclone_now_ns ();
-  unsigned long long deadline = start + s->timeout_s * 1000000000ull;
+  unsigned long long deadline = deadline_after (s->timeout_s);
   unsigned long long backoff = 100000000ull;     /* 100 ms */
-  bool waited = false;
 
   for (;;) {
     if (atomic_load (&s->base.cancelled))
       return -ESHUTDOWN;
-    struct nbd_handle *h = acquire (s);
+    struct nbd_handle *h = acquire (s, deadline);
     if (h) {
-      int r = run_call (h, c);
-      int e = r < 0 ? nbd_get_errno () : 0;
-      bool dead = nbd_aio_is_dead (h) || nbd_aio_is_closed (h);
-      release (s, h);
+      int r = run_call (s, h, c, deadline);
+      bool gave_up = r == -ETIMEDOUT || r == -ESHUTDOWN;
+      bool dead = gave_up || nbd_aio_is_dead (h) || nbd_aio_is_closed (h);
+      release (s, h, gave_up);
       if (r == 0 || !dead) {
-        if (waited)
-          atomic_store (&s->base.outage_since_ns, 0);
-        return r == 0 ? 0 : -(e ? e : EIO);
+        atomic_store (&s->base.outage_since_ns, 0);
+        return r;
+      }
+      if (r == -ESHUTDOWN)
+        return r;
+      if (r == -ETIMEDOUT) {
+        /* Hung: the connection is up but nothing came back. */
+        note_outage (s);
+        return -EIO;
       }
     }
-    /* The source is gone: note the outage, back off, try again. */
-    unsigned long long zero = 0;
-    atomic_compare_exchange_strong (&s->base.outage_since_ns, &zero,
-                                    aclone_wall_ns ());
-    waited = true;
+    /* The source is gone (or every connection stayed busy): note the
+     * outage, back off, try again.
+     */
+    note_outage (s);
     unsigned long long until = aclone_now_ns () + backoff;
     if (until > deadline)
       until = deadline;
@@ -271,13 +394,16 @@ nbd_source_close (struct aclone_source *base)
   pthread_cond_destroy (&s->cond);
   free (s->idle);
   free (s->uri);
+  free (s->tls_certificates);
+  free (s->tls_psk_file);
   free (s);
 }
 
 static struct nbd_handle *
 nbd_source_aio_connect (struct aclone_source *base)
 {
-  return connect_one ((struct nbd_source *) base, NULL);
+  struct nbd_source *s = (struct nbd_source *) base;
+  return connect_one (s, deadline_after (s->timeout_s), NULL);
 }
 
 static const struct aclone_source_ops nbd_ops = {
@@ -301,16 +427,36 @@ aclone_source_nbd_open (const struct aclone_source_config *cfg,
   aclone_source_describe (cfg->uri, s->base.desc, sizeof s->base.desc);
   s->uri = strdup (cfg->uri);
   s->max = cfg->connections ? cfg->connections : 1;
-  s->timeout_s = cfg->timeout_s;
+  s->timeout_s = cfg->timeout_s ? cfg->timeout_s : 1;
+  s->base.timeout_s = s->timeout_s;
+  s->tls_no_verify = cfg->tls_no_verify;
+  if (cfg->tls_certificates)
+    s->tls_certificates = strdup (cfg->tls_certificates);
+  if (cfg->tls_psk_file)
+    s->tls_psk_file = strdup (cfg->tls_psk_file);
   s->idle = calloc (s->max, sizeof *s->idle);
   pthread_mutex_init (&s->lock, NULL);
-  pthread_cond_init (&s->cond, NULL);
-  if (!s->uri || !s->idle) {
+  pthread_condattr_t ca;
+  pthread_condattr_init (&ca);
+  pthread_condattr_setclock (&ca, CLOCK_MONOTONIC);
+  pthread_cond_init (&s->cond, &ca);
+  pthread_condattr_destroy (&ca);
+  if (!s->uri || !s->idle ||
+      (cfg->tls_certificates && !s->tls_certificates) ||
+      (cfg->tls_psk_file && !s->tls_psk_file)) {
     nbd_source_close (&s->base);
     return aclone_error_set (err, ENOMEM, "source");
   }
 
-  h = connect_one (s, err);
+  if ((cfg->tls_certificates || cfg->tls_psk_file || cfg->tls_no_verify) &&
+      !aclone_source_uri_is_tls (cfg->uri)) {
+    aclone_error_set (err, 0, "source %s: TLS settings given, but the URI "
+                      "does not ask for TLS (use nbds:// or nbds+unix://)",
+                      s->base.desc);
+    nbd_source_close (&s->base);
+    return -EINVAL;
+  }
+  h = connect_one (s, deadline_after (s->timeout_s), err);
   if (!h) {
     nbd_source_close (&s->base);
     return -EIO;

@@ -77,6 +77,11 @@ struct aclone_clone {
   pthread_cond_t tick_cond;
   bool stopping;
 
+  /* Request gate: see aclone_clone_shutdown. */
+  atomic_uint requests;          /* client requests inside */
+  atomic_bool gate_closed;
+  bool shut;                     /* aclone_clone_shutdown has run */
+
   struct aclone_hydrator *hydrator;
 };
 
@@ -94,7 +99,20 @@ int aclone_clone_open (const struct aclone_clone_config *cfg,
  */
 int aclone_clone_start (struct aclone_clone *c, struct aclone_error *err);
 
-/* Stop threads, final commit, release the metadata lock, free. */
+/* Graceful stop, without freeing anything, so that threads still
+ * calling in get -ESHUTDOWN rather than a freed clone:
+ *   1. close the request gate (new requests fail with -ESHUTDOWN) and
+ *      cancel waits for a lost source;
+ *   2. wait up to drain_ms for requests in progress to finish;
+ *   3. stop the ticker, final commit, live page says "stopped";
+ *   4. release the metadata lock (only if step 2 drained: a request still
+ *      inside could write after a new server took over).
+ * Stop the hydrator first.  Returns 0, or -errno of the commit, or
+ * -EBUSY when requests did not drain.  Runs once; later calls return 0.
+ */
+int aclone_clone_shutdown (struct aclone_clone *c, unsigned drain_ms);
+
+/* aclone_clone_shutdown if not done yet, then close and free. */
 void aclone_clone_close (struct aclone_clone *c);
 
 int aclone_clone_pread (struct aclone_clone *c, void *buf, uint32_t count,

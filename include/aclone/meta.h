@@ -167,6 +167,11 @@ bool aclone_meta_in_use (const char *path);
 /* Test a committed bit. */
 bool aclone_meta_bit (const struct aclone_meta *m, int which, uint64_t region);
 
+/* Release the lock early, keeping the mapping (a graceful stop that
+ * frees later).  Nothing may write the file afterwards.
+ */
+void aclone_meta_unlock (struct aclone_meta *m);
+
 /* Unmap, unlock, close, free.  Safe on NULL. */
 void aclone_meta_close (struct aclone_meta *m);
 

@@ -2,9 +2,9 @@
  *
  * An interface so that the clone logic can be tested against fakes.  The
  * real one (aclone_source_nbd_open) is a pool of libnbd connections to an
- * NBD URI, reconnecting with backoff when the source drops; a call waits
- * at most `timeout_s` seconds for the source to come back, then fails
- * with EIO.
+ * NBD URI, reconnecting with backoff when the source drops.  A call takes
+ * at most `timeout_s` seconds, whether the source is gone or hangs with
+ * its connection up; then it fails with EIO.
  */
 #ifndef ACLONE_SOURCE_H
 #define ACLONE_SOURCE_H
@@ -46,6 +46,7 @@ struct aclone_source {
   uint64_t size;
   bool multi_conn;             /* source advertises multi-conn */
   char desc[256];              /* URI without query string: no secrets */
+  unsigned timeout_s;          /* longest wait for a reply; 0 = none */
   /* Set by the pool, read by status reporting. */
   _Atomic unsigned long long outage_since_ns; /* 0 = connected */
   /* Set at shutdown: calls waiting for a lost source give up at once. */
@@ -55,8 +56,18 @@ struct aclone_source {
 struct aclone_source_config {
   const char *uri;
   unsigned connections;        /* pool size, >= 1 */
-  unsigned timeout_s;          /* how long a call waits for a lost source */
+  unsigned timeout_s;          /* how long a call may wait, >= 1 */
+  /* TLS, for nbds:// and nbds+unix:// URIs (NULL: libnbd's default).
+   * The PSK file is only handed to libnbd: its keys are never read, kept
+   * or logged by aclone.
+   */
+  const char *tls_certificates;  /* directory */
+  const char *tls_psk_file;
+  bool tls_no_verify;            /* do not check the server's certificate */
 };
+
+/* True when uri asks for TLS (nbds:// or nbds+unix:// and the like). */
+bool aclone_source_uri_is_tls (const char *uri);
 
 /* Connect once to learn the size and check reachability, and set up the
  * pool (its other connections open on demand).  Returns 0 or -errno.

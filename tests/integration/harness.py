@@ -30,6 +30,11 @@ SANITIZER_ENV = {}
 SANITIZED = bool(os.environ.get("ACLONE_TEST_PRELOAD"))
 if SANITIZED:
     SANITIZER_ENV["LD_PRELOAD"] = os.environ["ACLONE_TEST_PRELOAD"]
+# A sanitizer's report in a server's log fails the test that ran it.
+# (LeakSanitizer is not among them: it would report nbdkit's own
+# allocations; the unit tests run with leak checks instead.)
+SANITIZER_MARKERS = ("WARNING: ThreadSanitizer", "ERROR: AddressSanitizer",
+                     "runtime error:")
 START_TIMEOUT = 20
 STOP_TIMEOUT = 10
 
@@ -49,8 +54,9 @@ def wait_for(pred, timeout, what, interval=0.02):
 class Server:
     """An nbdkit process serving on a Unix socket."""
 
-    def __init__(self, tmp, name, args, env=None):
+    def __init__(self, tmp, name, args, env=None, tcp_port=None):
         self.name = name
+        self.tcp_port = tcp_port
         self.sock = os.path.join(tmp, name + ".sock")
         self.pidfile = os.path.join(tmp, name + ".pid")
         self.logpath = os.path.join(tmp, name + ".log")
@@ -62,8 +68,10 @@ class Server:
         if env:
             e.update(env)
         self.log = open(self.logpath, "ab")
-        cmd = ["nbdkit", "-f", "--exit-with-parent", "-U", self.sock,
-               "-P", self.pidfile] + args
+        listen = (["-i", "127.0.0.1", "-p", str(tcp_port)] if tcp_port
+                  else ["-U", self.sock])
+        cmd = ["nbdkit", "-f", "--exit-with-parent"] + listen + \
+              ["-P", self.pidfile] + args
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=e)
         try:
@@ -110,6 +118,14 @@ class Server:
         h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
         h.connect_unix(self.sock)
         return h
+
+
+def free_tcp_port():
+    """A port on 127.0.0.1 that was free a moment ago."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_random_file(path, size, seed=1, sparse_chunks=None):
@@ -206,14 +222,22 @@ class CloneTest(unittest.TestCase):
             result = getattr(outcome, "result", None)
             errs = getattr(result, "errors", []) + getattr(result, "failures", [])
             failed = any(t is self for t, _ in errs)
+        reports = []
         for s in reversed(self.servers):      # clients before their sources
             s.stop()
+            out = s.output()
             if failed:
-                print("---- log of %s ----\n%s" % (s.name, s.output()[-4000:]))
+                print("---- log of %s ----\n%s" % (s.name, out[-4000:]))
+            for marker in SANITIZER_MARKERS:
+                i = out.find(marker)
+                if i >= 0:
+                    reports.append("%s: %s" % (s.name, out[max(0, i - 200):i + 6000]))
         shutil.rmtree(self.tmp, ignore_errors=True)
+        if reports:
+            self.fail("sanitizer report in a server's log:\n" + "\n".join(reports))
 
-    def server(self, name, args, env=None):
-        s = Server(self.tmp, name, args, env)
+    def server(self, name, args, env=None, tcp_port=None):
+        s = Server(self.tmp, name, args, env, tcp_port)
         self.servers.append(s)
         return s
 

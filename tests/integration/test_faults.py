@@ -181,5 +181,166 @@ class KillTest(CloneTest):
         self.assertEqual(sha(self.dest), sha(got))
 
 
+class HungSourceTest(CloneTest):
+    """A source that stops answering while its connections stay up (here:
+    SIGSTOP) is as lost as one that went away: reads fail with EIO at
+    source-timeout, hydration notices and reconnects, and all is well
+    once it answers again."""
+
+    def test_hung_source(self):
+        src_path = os.path.join(self.tmp, "source.img")
+        write_random_file(src_path, 32 * MiB, seed=8)
+        with open(src_path, "rb") as f:
+            want = f.read()
+        # --threads=1: nbdkit 1.32 can abort when a client closes while
+        # several of its replies are queued (fixed upstream in 1.34), and
+        # closing a hung connection is exactly what we test.
+        src = self.server("source", ["--threads=1", "file", src_path])
+        c = self.clone(src, hydrate_rate="2M", source_timeout="3")
+        h = c.connect()
+        self.assertEqual(h.pread(RS, 0), want[:RS])
+        self.status_becomes(state="hydrating")
+        os.kill(src.proc.pid, signal.SIGSTOP)
+        self.cleanups.append(lambda: os.kill(src.proc.pid, signal.SIGCONT))
+        # Hydrated data is served at once during the hang.
+        t0 = time.monotonic()
+        self.assertEqual(h.pread(RS, 0), want[:RS])
+        self.assertLess(time.monotonic() - t0, 1)
+        # An unhydrated read gives up at the timeout, not later.
+        t0 = time.monotonic()
+        with self.assertRaises(nbd.Error) as e:
+            h.pread(RS, 30 * MiB)
+        took = time.monotonic() - t0
+        self.assertEqual(e.exception.errno, "EIO")
+        self.assertGreaterEqual(took, 2.5)
+        self.assertLess(took, 5)
+        # The hydrator saw the hang too, and status shows the outage.
+        wait_for(lambda: "no reply for 3 s" in c.output(), 10,
+                 "the hydrator to notice the hang")
+        st = wait_for(lambda: (lambda s: s["state"] in ("waiting", "error")
+                                         and s)(status(self.meta)),
+                      5, "status to show the outage")
+        self.assertGreater(st["errors"], 0)
+        # The source answers again: reads and hydration carry on.
+        os.kill(src.proc.pid, signal.SIGCONT)
+        self.assertEqual(h.pread(RS, 30 * MiB), want[30 * MiB:30 * MiB + RS])
+        from harness import cli
+        cli("set", self.meta, "rate=0")
+        self.wait_complete(60)
+        self.assertEqual(read_all(h), want)
+        h.shutdown()
+        c.stop()
+        self.assertEqual(sha(self.dest), sha(src_path))
+
+    def test_stop_while_source_hangs(self):
+        src_path = os.path.join(self.tmp, "source.img")
+        write_random_file(src_path, 16 * MiB, seed=9)
+        src = self.server("source", ["--threads=1", "file", src_path])
+        c = self.clone(src, hydrate_rate="1M", source_timeout="30")
+        h = c.connect()
+        h.pread(RS, 0)
+        self.status_becomes(state="hydrating")
+        os.kill(src.proc.pid, signal.SIGSTOP)
+        self.cleanups.append(lambda: os.kill(src.proc.pid, signal.SIGCONT))
+        result = {}
+
+        def reader():
+            h2 = c.connect()
+            try:
+                result["data"] = h2.pread(RS, 12 * MiB)
+            except nbd.Error as e:
+                result["error"] = e.errno
+            except Exception as e:          # the server went away
+                result["error"] = str(e)
+        t = threading.Thread(target=reader, daemon=True)
+        t.start()
+        time.sleep(1)
+        h.shutdown()
+        took = c.stop()
+        t.join(5)
+        self.assertFalse(t.is_alive())
+        self.assertNotIn("data", result)
+        if not SANITIZED:
+            self.assertLess(took, 3.0)      # not the 30 s source-timeout
+
+
+class GracefulStopTest(CloneTest):
+    """SIGTERM with clients attached, one idle and one writing, while
+    hydration runs: the server answers what it has, commits, releases the
+    lock and exits within 2 s, and every acknowledged write is there."""
+
+    def test_sigterm_with_attached_clients(self):
+        size = 64 * MiB
+        src_path = os.path.join(self.tmp, "source.img")
+        write_random_file(src_path, size, seed=10)
+        with open(src_path, "rb") as f:
+            model = bytearray(f.read())
+        src = self.source_file(src_path)
+        c = self.clone(src, hydrate_rate="8M")
+        idle = c.connect()
+        idle.pread(RS, 0)
+        rnd = random.Random(10)
+        acked = {}          # offset -> data of the last acknowledged write
+        unacked = {}        # offset -> data of a write that got no answer
+        stop = threading.Event()
+        done = threading.Event()
+
+        def writer():
+            h = c.connect()
+            try:
+                while not stop.is_set():
+                    off = rnd.randrange(0, size // 4096) * 4096
+                    data = rnd.randbytes(4096)
+                    unacked[off] = data
+                    h.pwrite(data, off)
+                    acked[off] = data
+                    del unacked[off]
+                    if rnd.random() < 0.2:
+                        h.flush()
+            except Exception:
+                pass                    # the server went away
+            done.set()
+        t = threading.Thread(target=writer, daemon=True)
+        t.start()
+        wait_for(lambda: len(acked) > 200, 20, "writes")
+        self.assertEqual(status(self.meta)["state"], "hydrating")
+        took = c.stop(signal.SIGTERM)
+        stop.set()
+        t.join(10)
+        self.assertTrue(done.is_set())
+        out = c.output()
+        self.assertIn("metadata committed and unlocked", out)
+        self.assertIn("disconnected 2 client connection(s)", out)
+        if not SANITIZED:
+            self.assertLess(took, 2.0, out)
+        st = status(self.meta)
+        self.assertEqual(st["state"], "stopped")
+        # Every acknowledged write is there, flushed or not: the last
+        # commit covered every answered request.
+        c2 = self.clone(src, name="clone2", hydrate_rate="0")
+        h = c2.connect()
+        for off, data in acked.items():
+            got = h.pread(4096, off)
+            if off in unacked:
+                self.assertIn(got, (data, unacked[off]), off)
+            else:
+                self.assertEqual(got, data, off)
+            model[off:off + 4096] = got
+        for off, data in unacked.items():
+            if off not in acked:
+                got = h.pread(4096, off)
+                self.assertIn(got, (data, bytes(model[off:off + 4096])), off)
+                model[off:off + 4096] = got
+        self.wait_complete(60)
+        self.assertEqual(read_all(h), bytes(model))
+        h.shutdown()
+        idle_gone = False
+        try:
+            idle.pread(RS, 0)
+        except Exception:
+            idle_gone = True
+        self.assertTrue(idle_gone)
+
+
 if __name__ == "__main__":
     main()

@@ -495,6 +495,10 @@ test_hydrator_plain (void **state)
   assert_int_equal (aclone_clone_start (f->c, &err), 0);
   assert_int_equal (aclone_hydrator_start (f->c, &hc, &err), 0);
   wait_complete (f->c, 20);
+  /* The worker releases the source just after marking the clone
+   * complete: join it before looking.
+   */
+  aclone_hydrator_stop (f->c);
   assert_true (f->src->closed);               /* source released */
   assert_null (f->c->src);
   assert_true (aclone_meta_bit (f->c->meta, 0, REGIONS - 1));
@@ -506,7 +510,6 @@ test_hydrator_plain (void **state)
   assert_memory_equal (d, f->model, SIZE);
   /* Complete: reads never touch the source, even with it gone. */
   check_model (f);
-  aclone_hydrator_stop (f->c);
   aclone_clone_close (f->c);
   f->c = NULL;
   struct fake_source *keep = f->src;
@@ -672,6 +675,93 @@ test_open_errors_modify_nothing (void **state)
   free (m2p);
 }
 
+struct bg_read {
+  struct aclone_clone *c;
+  unsigned char *buf;
+  uint64_t off;
+  int r;
+};
+
+static void *
+bg_read_main (void *arg)
+{
+  struct bg_read *b = arg;
+  b->r = aclone_clone_pread (b->c, b->buf, RS, b->off);
+  return NULL;
+}
+
+/* Graceful stop: a request inside finishes first; later ones are
+ * refused; the final commit covers unflushed writes; the lock is free
+ * for a new server while the old clone is not yet freed.
+ */
+static void
+test_shutdown_drains_and_unlocks (void **state)
+{
+  struct fx *f = *state;
+  struct aclone_error err;
+  unsigned char w[4096], buf[4096];
+
+  must_open (f, true);
+  memset (w, 0x5a, sizeof w);
+  assert_int_equal (aclone_clone_pwrite (f->c, w, sizeof w, 100000, false), 0);
+  memcpy (f->model + 100000, w, sizeof w);
+
+  struct bg_read b = { .c = f->c, .buf = malloc (RS), .off = 2 * RS, .r = 1 };
+  atomic_store (&f->src->delay_us, 200000);
+  pthread_t t;
+  pthread_create (&t, NULL, bg_read_main, &b);
+  usleep (50000);
+  unsigned long long t0 = aclone_now_ns ();
+  assert_int_equal (aclone_clone_shutdown (f->c, 2000), 0);
+  assert_true (aclone_now_ns () - t0 > 100000000ull);   /* waited for it */
+  pthread_join (t, NULL);
+  assert_int_equal (b.r, 0);
+  assert_memory_equal (b.buf, f->model + 2 * RS, RS);
+  free (b.buf);
+
+  assert_int_equal (aclone_clone_pread (f->c, buf, sizeof buf, 0), -ESHUTDOWN);
+  assert_int_equal (aclone_clone_pwrite (f->c, w, sizeof w, 0, false), -ESHUTDOWN);
+  assert_int_equal (aclone_clone_flush (f->c), -ESHUTDOWN);
+  assert_int_equal (aclone_clone_shutdown (f->c, 0), 0);   /* once */
+
+  /* A new server takes over at once and sees the unflushed write. */
+  struct fake_source *src2 = fake_source_new (SIZE, 1, 0);
+  struct aclone_clone *c2;
+  struct aclone_clone_config cfg = {
+    .dest_path = f->dest, .meta_path = f->meta, .region_size = RS,
+    .copy_on_read = true,
+  };
+  if (aclone_clone_open (&cfg, &src2->base, NULL, NULL, &c2, &err) < 0)
+    fail_msg ("second open: %s", err.msg);
+  unsigned char *all = malloc (SIZE);
+  assert_int_equal (aclone_clone_pread (c2, all, SIZE, 0), 0);
+  assert_memory_equal (all, f->model, SIZE);
+  free (all);
+  aclone_clone_close (c2);
+  fake_source_free (src2);
+}
+
+/* A request that does not finish keeps the lock: it could still write
+ * after a new server had taken over.
+ */
+static void
+test_shutdown_keeps_lock_when_stuck (void **state)
+{
+  struct fx *f = *state;
+  struct aclone_error err;
+  struct aclone_clone *c2 = NULL;
+
+  must_open (f, true);
+  atomic_fetch_add (&f->c->requests, 1);        /* stuck inside */
+  assert_int_equal (aclone_clone_shutdown (f->c, 50), -EBUSY);
+  struct aclone_clone_config cfg = {
+    .dest_path = f->dest, .meta_path = f->meta, .region_size = RS,
+  };
+  assert_true (aclone_clone_open (&cfg, &f->src->base, NULL, NULL, &c2, &err) < 0);
+  assert_non_null (strstr (err.msg, f->meta));
+  atomic_fetch_sub (&f->c->requests, 1);
+}
+
 int
 main (void)
 {
@@ -692,6 +782,8 @@ main (void)
     T (test_hydrator_with_writes),
     T (test_hydrator_pause_and_failures),
     T (test_open_errors_modify_nothing),
+    T (test_shutdown_drains_and_unlocks),
+    T (test_shutdown_keeps_lock_when_stuck),
   };
   return cmocka_run_group_tests (tests, NULL, NULL);
 }
