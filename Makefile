@@ -3,13 +3,14 @@
 #   make demo     clone a disk holding ext4, read a file from the clone
 #   make check    unit + integration tests; the unit tests under valgrind;
 #                 everything again under ASan/UBSan; unit + concurrency
-#                 tests under TSan; 30 s of fuzzing
+#                 tests under TSan; 30 s of fuzzing; the Debian packages
 #
 # Both install missing Debian packages first (when run as root).
 
 BUILD      ?= build
 SAN_BUILD  ?= build-san
 TSAN_BUILD ?= build-tsan
+DEB_BUILD  ?= build-deb
 FUZZ_BUILD ?= build-fuzz
 MESON     ?= meson
 
@@ -17,10 +18,11 @@ DEBS = gcc pkg-config meson ninja-build \
        nbdkit nbdkit-plugin-dev libnbd-dev libnbd-bin nbdfuse python3-libnbd \
        liburing-dev libbsd-dev libcmocka-dev \
        qemu-utils e2fsprogs fuse3 util-linux clang libclang-rt-14-dev valgrind \
-       openssl
+       openssl systemd dpkg-dev debhelper lintian man-db \
+       qemu-system-x86 nbd-client busybox-static cpio kmod
 
 .PHONY: all deps build demo check check-fast check-san check-tsan check-fuzz \
-        install clean
+        check-deb install clean
 
 all: build
 
@@ -104,20 +106,27 @@ check-fuzz: deps $(FUZZ_BUILD)/build.ninja
 	$(MESON) test -C $(FUZZ_BUILD) --suite fuzz --print-errorlogs || true
 	@python3 tests/summary.py $(FUZZ_BUILD)/meson-logs/testlog.json
 
+# The Debian packages: built from the tracked files with their tests,
+# lintian, installed, and the installed plugin and CLI run.
+check-deb: deps
+	bash tests/package.sh $(DEB_BUILD)
+
 check: build
 	@$(MAKE) --no-print-directory check-fast; a=$$?; \
 	 $(MAKE) --no-print-directory check-san; b=$$?; \
 	 $(MAKE) --no-print-directory check-tsan; d=$$?; \
 	 $(MAKE) --no-print-directory check-fuzz; c=$$?; \
+	 $(MAKE) --no-print-directory check-deb; e=$$?; \
 	 python3 tests/summary.py $(BUILD)/meson-logs/testlog.json \
 	   $(BUILD)/meson-logs/valgrind-valgrind.json \
 	   $(SAN_BUILD)/meson-logs/testlog.json \
 	   $(TSAN_BUILD)/meson-logs/testlog.json \
-	   $(FUZZ_BUILD)/meson-logs/testlog.json | sed 's/^/all: /'; \
-	 [ $$a = 0 ] && [ $$b = 0 ] && [ $$c = 0 ] && [ $$d = 0 ]
+	   $(FUZZ_BUILD)/meson-logs/testlog.json \
+	   $(DEB_BUILD)/testlog.json | sed 's/^/all: /'; \
+	 [ $$a = 0 ] && [ $$b = 0 ] && [ $$c = 0 ] && [ $$d = 0 ] && [ $$e = 0 ]
 
 install: build
 	$(MESON) install -C $(BUILD)
 
 clean:
-	rm -rf $(BUILD) $(SAN_BUILD) $(TSAN_BUILD) $(FUZZ_BUILD)
+	rm -rf $(BUILD) $(SAN_BUILD) $(TSAN_BUILD) $(FUZZ_BUILD) $(DEB_BUILD)

@@ -342,9 +342,11 @@ aclone_meta_open (const char *path, enum aclone_meta_mode mode,
   if (mode == ACLONE_META_SERVER) {
     if (flock (m->fd, LOCK_EX | LOCK_NB) < 0) {
       if (errno == EWOULDBLOCK) {
-        int64_t pid = 0;
-        pread (m->fd, &pid, sizeof pid,
-               m->hdr.live_off + offsetof (struct aclone_live, pid));
+        int64_t pid = 0;     /* only for the message: 0 if unreadable */
+        if (pread (m->fd, &pid, sizeof pid,
+                   m->hdr.live_off + offsetof (struct aclone_live, pid))
+            != (ssize_t) sizeof pid)
+          pid = 0;
         r = aclone_error_set (err, EBUSY, "%s: in use by another aclone server "
                               "(pid %lld)", path, (long long) le64toh (pid));
       }

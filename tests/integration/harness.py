@@ -245,7 +245,8 @@ class CloneTest(unittest.TestCase):
         args = ["--filter=%s" % f for f in filters] + ["file", path] + list(extra)
         return self.server(name, args)
 
-    def clone(self, source=None, name="clone", dest=None, meta=None, **params):
+    def clone(self, source=None, name="clone", dest=None, meta=None,
+              tcp_port=None, **params):
         args = [PLUGIN]
         if source is not None:
             args.append("source=" + (source.uri if isinstance(source, Server) else source))
@@ -254,7 +255,7 @@ class CloneTest(unittest.TestCase):
             args.append("%s=%s" % (k.replace("_", "-"), v))
         env = {}
         env.update(SANITIZER_ENV)
-        return self.server(name, args, env)
+        return self.server(name, args, env, tcp_port)
 
     def status_becomes(self, timeout=5, **want):
         """The live page is published once a second: wait until the status

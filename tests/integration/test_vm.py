@@ -1,0 +1,230 @@
+"""Integration: the real consumers, in a VM (see vm.py).
+
+One guest boot, two clones of one source, while hydration runs:
+  * clone A on 127.0.0.1:PORT, attached by the guest kernel's NBD client
+    (nbd-client, /dev/nbd0 and /dev/nbd1);
+  * clone B on a Unix socket, given to qemu as its second disk
+    (-drive file=nbd+unix://...,if=virtio: qemu's own NBD client), which
+    the guest sees as /dev/vda.
+The guest checks the source's data, makes ext4 on both, writes a file,
+and reports checksums; the host then checks each clone holds exactly that,
+also after a server restart and once hydration is complete.  Twice the
+host restarts clone A's server under an attached kernel client: without
+and with nbd-client -persist.
+
+Skips (exit 77) only when qemu or the kernel package cannot be had.
+"""
+import hashlib
+import os
+import signal
+import subprocess
+import time
+import unittest
+
+from harness import (CloneTest, SANITIZED, cli, free_tcp_port, main,
+                     read_all, sha, status, wait_for, write_random_file)
+import vm
+
+MiB = 1 << 20
+SIZE = 64 * MiB
+BOOT_TIMEOUT = 120          # TCG on a busy 2-core machine
+RUN_TIMEOUT = 420
+
+GUEST = r"""
+say() { echo "@@ $*"; }
+sum() { sha256sum | cut -d' ' -f1; }
+NBD="10.0.2.2 %(port)d"
+# Full paths: busybox applets of the same names would win otherwise.
+
+# 1. The kernel client reads the source's data through the clone.
+/usr/sbin/nbd-client $NBD /dev/nbd0 -N vol -b 4096 || say attach-failed nbd0
+say nbd0-src16 $(dd if=/dev/nbd0 bs=1M count=16 2>/dev/null | sum)
+
+# 2. Server restart under attached clients in nbd-client's default
+# (netlink) mode: nbd0 without -persist, nbd2 with it (nbd-client 3.24
+# ignores -persist there: it configures the device and exits).
+/usr/sbin/nbd-client -persist $NBD /dev/nbd2 -N vol -b 4096 || say attach-failed nbd2
+say restart-me 1
+sleep 6
+dd if=/dev/nbd0 of=/dev/null bs=4096 count=1 skip=10240 2>/dev/null
+r0=$?
+dd if=/dev/nbd2 of=/dev/null bs=4096 count=1 skip=10240 2>/dev/null
+say netlink-read $r0 $?
+/usr/sbin/nbd-client -d /dev/nbd0 >/dev/null 2>&1
+/usr/sbin/nbd-client -d /dev/nbd2 >/dev/null 2>&1
+
+# 3. The ioctl mode with -persist, where nbd-client stays as a daemon to
+# reconnect.  A flushed write before the restart.
+/usr/sbin/nbd-client -nonetlink -persist $NBD /dev/nbd1 -N vol -b 4096 || say attach-failed nbd1
+dd if=/dev/urandom of=/tmp/w bs=1M count=1 2>/dev/null
+dd if=/tmp/w of=/dev/nbd1 bs=1M seek=48 conv=fsync 2>/dev/null
+say persist-wrote $? $(sum < /tmp/w)
+say restart-me 2
+sleep 6
+echo 3 > /proc/sys/vm/drop_caches
+dd if=/dev/nbd1 of=/tmp/r bs=4096 count=1 skip=10240 2>/dev/null
+say ioctl-persist-read $? $(stat -c %%s /tmp/r) $(cat /sys/block/nbd1/size)
+/usr/sbin/nbd-client -d /dev/nbd1 >/dev/null 2>&1
+sleep 1
+
+# What does work: attach again; everything flushed before is there.
+/usr/sbin/nbd-client $NBD /dev/nbd1 -N vol -b 4096 || say attach-failed nbd1-again
+dd if=/dev/nbd1 of=/tmp/a bs=1M skip=48 count=1 2>/dev/null
+r1=$?
+dd if=/dev/nbd1 of=/tmp/b bs=1M skip=56 count=1 2>/dev/null
+say reattach-read $r1$? $(sum < /tmp/a) $(sum < /tmp/b)
+
+# 4. ext4 on the kernel client's device.
+/usr/sbin/mke2fs -q -t ext4 -F /dev/nbd1 && mount -t ext4 /dev/nbd1 /mnt || say fs-failed nbd
+dd if=/dev/urandom of=/mnt/data.bin bs=1M count=4 2>/dev/null
+sync
+say nbd-file $(sum < /mnt/data.bin)
+umount /mnt
+blockdev --flushbufs /dev/nbd1
+say nbd-dev $(dd if=/dev/nbd1 bs=1M 2>/dev/null | sum)
+/usr/sbin/nbd-client -d /dev/nbd1 >/dev/null 2>&1
+
+# 5. qemu's NBD client: /dev/vda.
+say vda-src16 $(dd if=/dev/vda bs=1M count=16 2>/dev/null | sum)
+/usr/sbin/mke2fs -q -t ext4 -F /dev/vda && mount -t ext4 /dev/vda /mnt || say fs-failed vda
+dd if=/dev/urandom of=/mnt/data.bin bs=1M count=4 2>/dev/null
+sync
+say vda-file $(sum < /mnt/data.bin)
+umount /mnt
+blockdev --flushbufs /dev/vda
+say vda-dev $(dd if=/dev/vda bs=1M 2>/dev/null | sum)
+"""
+
+
+def h256(b):
+    return hashlib.sha256(b).hexdigest()
+
+
+class VMTest(CloneTest):
+
+    def setUp(self):
+        super().setUp()
+        try:
+            vm.kernel()
+        except vm.Unavailable as e:
+            self.skipTest(str(e))
+
+    def clone_a(self, src, port, **kw):
+        return self.clone(src, name="cloneA", dest=self.dest_a, meta=self.meta_a,
+                          tcp_port=port, **kw)
+
+    def test_kernel_client_and_qemu(self):
+        self.dest_a = os.path.join(self.tmp, "a.img")
+        self.meta_a = os.path.join(self.tmp, "a.meta")
+        dest_b = os.path.join(self.tmp, "b.img")
+        meta_b = os.path.join(self.tmp, "b.meta")
+        src_path = os.path.join(self.tmp, "source.img")
+        write_random_file(src_path, SIZE, seed=41)
+        with open(src_path, "rb") as f:
+            source = f.read()
+        src = self.source_file(src_path)
+        port = free_tcp_port()
+        a = self.clone_a(src, port, hydrate_rate="2M")
+        b = self.clone(src, name="cloneB", dest=dest_b, meta=meta_b,
+                       hydrate_rate="2M")
+        self.assertEqual(status(self.meta_a)["state"], "hydrating")
+        self.assertEqual(status(meta_b)["state"], "hydrating")
+
+        workdir = os.path.join(self.tmp, "vm")
+        os.mkdir(workdir)
+        try:
+            guest = vm.VM(workdir, GUEST % {"port": port},
+                          drives=["file=nbd+unix:///?socket=%s,format=raw,"
+                                  "if=virtio,cache=none" % b.sock])
+        except vm.Unavailable as e:
+            self.skipTest(str(e))
+        self.cleanups.append(guest.kill)
+        try:
+            booted = guest.wait_for("booted", BOOT_TIMEOUT)
+            print("guest booted in %s s (kernel uptime), %s" %
+                  (booted[0], "KVM" if guest.kvm else "TCG"))
+            self.assertEqual(guest.wait_for("nbd0-src16", 120)[0], h256(source[:16 * MiB]))
+            # Restart clone A's server while the guest holds the device.
+            stops = []
+            for n in ("1", "2"):
+                self.assertEqual(guest.wait_for("restart-me", 120)[0] if n == "1"
+                                 else self.next_restart(guest), n)
+                stops.append(a.stop())
+                self.servers.remove(a)
+                a = self.clone_a(src, port, hydrate_rate="2M")
+            if not SANITIZED:
+                for took in stops:
+                    self.assertLess(took, 2.0)
+            netlink = guest.wait_for("netlink-read", 60)
+            wrote = guest.wait_for("persist-wrote", 60)
+            self.assertEqual(wrote[0], "0", guest.console())
+            ioctl = guest.wait_for("ioctl-persist-read", 120)
+            rc, sha48, sha56 = guest.wait_for("reattach-read", 120)
+            print("after a server restart, reads: netlink: exit %s; netlink "
+                  "-persist: exit %s; -nonetlink -persist: exit %s, %s bytes, "
+                  "device size %s" % (netlink[0], netlink[1], *ioctl))
+            # What an operator can rely on (README): with nbd-client 3.24
+            # and Linux 6.1 a server restart ends the attachment in every
+            # mode; reads fail at once rather than hang (netlink: EIO;
+            # ioctl -persist: nbd-client takes the clean close as the end
+            # and exits, the device has size 0).  Attaching again works,
+            # and everything flushed before the restart is there.
+            self.assertNotEqual(netlink[0], "0")
+            self.assertNotEqual(netlink[1], "0")
+            self.assertTrue(ioctl[0] != "0" or ioctl[1] == "0", ioctl)
+            self.assertEqual(rc, "00", guest.console())
+            self.assertEqual(sha48, wrote[1])
+            self.assertEqual(sha56, h256(source[56 * MiB:57 * MiB]))
+            nbd_file = guest.wait_for("nbd-file", 180)[0]
+            nbd_dev = guest.wait_for("nbd-dev", 180)[0]
+            self.assertEqual(guest.wait_for("vda-src16", 120)[0], h256(source[:16 * MiB]))
+            vda_file = guest.wait_for("vda-file", 180)[0]
+            vda_dev = guest.wait_for("vda-dev", 180)[0]
+            guest.wait_for("end", 60)
+            guest.wait_exit(30)
+            for key in ("attach-failed", "fs-failed", "insmod-failed"):
+                self.assertIsNone(guest.result(key), guest.console())
+        except AssertionError:
+            print("---- guest console ----\n" + guest.console(200))
+            raise
+
+        # The host's view: each clone holds exactly what the guest wrote,
+        # after a server restart, and in dest alone once complete.
+        for name, meta, dest, dev_sha, file_sha in (
+                ("A", self.meta_a, self.dest_a, nbd_dev, nbd_file),
+                ("B", meta_b, dest_b, vda_dev, vda_file)):
+            server = a if name == "A" else b
+            server.stop()
+            self.servers.remove(server)
+            c = self.clone(src, name="clone%s2" % name, dest=dest, meta=meta,
+                           hydrate_rate="0")
+            h = c.connect()
+            data = read_all(h)
+            h.shutdown()
+            self.assertEqual(h256(data), dev_sha, "clone %s" % name)
+            image = os.path.join(self.tmp, "check-%s.img" % name)
+            with open(image, "wb") as f:
+                f.write(data)
+            r = subprocess.run(["e2fsck", "-fn", image], capture_output=True, text=True)
+            self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+            r = subprocess.run(["debugfs", "-R", "cat /data.bin", image],
+                               capture_output=True)
+            self.assertEqual(h256(r.stdout), file_sha, "clone %s" % name)
+            wait_for(lambda: status(meta)["state"] == "complete", 120,
+                     "clone %s to complete" % name, interval=0.2)
+            c.stop()
+            self.assertEqual(sha(dest), dev_sha)
+
+    def next_restart(self, guest):
+        """The value of the second "restart-me" line."""
+        end = time.monotonic() + 120
+        while time.monotonic() < end:
+            vals = [v for k, v in guest.results if k == "restart-me"]
+            if len(vals) >= 2:
+                return vals[1][0]
+            time.sleep(0.1)
+        raise AssertionError("guest never asked for the second restart")
+
+
+if __name__ == "__main__":
+    main()
