@@ -1,11 +1,13 @@
 """Integration: the real consumers, in a VM (see vm.py).
 
-One guest boot, two clones of one source, while hydration runs:
+One guest boot, three clones of one source, while hydration runs:
   * clone A on 127.0.0.1:PORT, attached by the guest kernel's NBD client
     (nbd-client, /dev/nbd0 and /dev/nbd1);
   * clone B on a Unix socket, given to qemu as its second disk
     (-drive file=nbd+unix://...,if=virtio: qemu's own NBD client), which
-    the guest sees as /dev/vda.
+    the guest sees as /dev/vda (it has no root disk);
+  * clone C, qemu's second disk (/dev/vdb) with reconnect-delay, whose
+    server is restarted under the guest's I/O.
 The guest checks the source's data, makes ext4 on both, writes a file,
 and reports checksums; the host then checks each clone holds exactly that,
 also after a server restart and once hydration is complete.  Twice the
@@ -93,6 +95,17 @@ say vda-file $(sum < /mnt/data.bin)
 umount /mnt
 blockdev --flushbufs /dev/vda
 say vda-dev $(dd if=/dev/vda bs=1M 2>/dev/null | sum)
+
+# 6. qemu's NBD client with reconnect-delay (/dev/vdb): a server restart
+# under it, with reads and a flushed write on either side.
+a=$(dd if=/dev/vdb bs=1M skip=4 count=1 2>/dev/null | sum)
+say restart-me 3
+sleep 6
+echo 3 > /proc/sys/vm/drop_caches
+dd if=/dev/vdb of=/tmp/b bs=1M skip=20 count=1 2>/dev/null
+r=$?
+dd if=/tmp/w of=/dev/vdb bs=1M seek=30 conv=fsync 2>/dev/null
+say reconnect-io $r$? $a $(sum < /tmp/b)
 """
 
 
@@ -127,6 +140,10 @@ class VMTest(CloneTest):
         a = self.clone_a(src, port, hydrate_rate="2M")
         b = self.clone(src, name="cloneB", dest=dest_b, meta=meta_b,
                        hydrate_rate="2M")
+        dest_c = os.path.join(self.tmp, "c.img")
+        meta_c = os.path.join(self.tmp, "c.meta")
+        cc = self.clone(src, name="cloneC", dest=dest_c, meta=meta_c,
+                        hydrate_rate="2M")
         self.assertEqual(status(self.meta_a)["state"], "hydrating")
         self.assertEqual(status(meta_b)["state"], "hydrating")
 
@@ -135,7 +152,10 @@ class VMTest(CloneTest):
         try:
             guest = vm.VM(workdir, GUEST % {"port": port},
                           drives=["file=nbd+unix:///?socket=%s,format=raw,"
-                                  "if=virtio,cache=none" % b.sock])
+                                  "if=virtio,cache=none" % b.sock,
+                                  "driver=raw,file.driver=nbd,file.server.type=unix,"
+                                  "file.server.path=%s,file.reconnect-delay=30,"
+                                  "if=virtio,cache=none" % cc.sock])
         except vm.Unavailable as e:
             self.skipTest(str(e))
         self.cleanups.append(guest.kill)
@@ -147,8 +167,7 @@ class VMTest(CloneTest):
             # Restart clone A's server while the guest holds the device.
             stops = []
             for n in ("1", "2"):
-                self.assertEqual(guest.wait_for("restart-me", 120)[0] if n == "1"
-                                 else self.next_restart(guest), n)
+                self.assertEqual(self.nth(guest, "restart-me", int(n)), n)
                 stops.append(a.stop())
                 self.servers.remove(a)
                 a = self.clone_a(src, port, hydrate_rate="2M")
@@ -180,6 +199,17 @@ class VMTest(CloneTest):
             self.assertEqual(guest.wait_for("vda-src16", 120)[0], h256(source[:16 * MiB]))
             vda_file = guest.wait_for("vda-file", 180)[0]
             vda_dev = guest.wait_for("vda-dev", 180)[0]
+            # qemu with reconnect-delay rides out a server restart.
+            self.assertEqual(self.nth(guest, "restart-me", 3), "3")
+            cc.stop()
+            self.servers.remove(cc)
+            cc = self.clone(src, name="cloneC", dest=dest_c, meta=meta_c,
+                            hydrate_rate="2M")
+            rc, sha4, sha20 = guest.wait_for("reconnect-io", 120)
+            print("qemu reconnect-delay: I/O after the restart exits %s" % rc)
+            self.assertEqual(rc, "00", guest.console())
+            self.assertEqual(sha4, h256(source[4 * MiB:5 * MiB]))
+            self.assertEqual(sha20, h256(source[20 * MiB:21 * MiB]))
             guest.wait_for("end", 60)
             guest.wait_exit(30)
             for key in ("attach-failed", "fs-failed", "insmod-failed"):
@@ -214,16 +244,21 @@ class VMTest(CloneTest):
                      "clone %s to complete" % name, interval=0.2)
             c.stop()
             self.assertEqual(sha(dest), dev_sha)
+        # Clone C: the write made after the restart is there.
+        cc.stop()
+        with open(dest_c, "rb") as f:
+            f.seek(30 * MiB)
+            self.assertEqual(h256(f.read(MiB)), wrote[1])
 
-    def next_restart(self, guest):
-        """The value of the second "restart-me" line."""
-        end = time.monotonic() + 120
+    def nth(self, guest, key, n, timeout=120):
+        """The first value of the n-th "@@ key" line."""
+        end = time.monotonic() + timeout
         while time.monotonic() < end:
-            vals = [v for k, v in guest.results if k == "restart-me"]
-            if len(vals) >= 2:
-                return vals[1][0]
+            vals = [v for k, v in list(guest.results) if k == key]
+            if len(vals) >= n:
+                return vals[n - 1][0]
             time.sleep(0.1)
-        raise AssertionError("guest never asked for the second restart")
+        raise AssertionError("guest never reported %s #%d" % (key, n))
 
 
 if __name__ == "__main__":
