@@ -137,6 +137,15 @@ parse_uint (const char *key, const char *value, unsigned min, unsigned max,
   return 0;
 }
 
+/* A path parameter, made absolute (nbdkit may chdir when it forks). */
+static int
+parse_path (const char *value, char **out)
+{
+  free (*out);
+  *out = nbdkit_absolute_path (value);
+  return *out ? 0 : -1;
+}
+
 static int
 aclone_config (const char *key, const char *value)
 {
@@ -153,16 +162,10 @@ aclone_config (const char *key, const char *value)
     source_uri = strdup (value);
     return source_uri ? 0 : -1;
   }
-  if (strcmp (key, "dest") == 0) {
-    free (dest_path);
-    dest_path = nbdkit_absolute_path (value);
-    return dest_path ? 0 : -1;
-  }
-  if (strcmp (key, "meta") == 0) {
-    free (meta_path);
-    meta_path = nbdkit_absolute_path (value);
-    return meta_path ? 0 : -1;
-  }
+  if (strcmp (key, "dest") == 0)
+    return parse_path (value, &dest_path);
+  if (strcmp (key, "meta") == 0)
+    return parse_path (value, &meta_path);
   if (strcmp (key, "block-size") == 0) {
     if (parse_size (key, value, 1, UINT32_MAX, &v) < 0)
       return -1;
@@ -179,16 +182,10 @@ aclone_config (const char *key, const char *value)
     return parse_uint (key, value, 1, 64, &source_connections);
   if (strcmp (key, "source-timeout") == 0)
     return parse_uint (key, value, 1, 86400, &source_timeout);
-  if (strcmp (key, "source-tls-certificates") == 0) {
-    free (tls_certificates);
-    tls_certificates = nbdkit_absolute_path (value);
-    return tls_certificates ? 0 : -1;
-  }
-  if (strcmp (key, "source-tls-psk") == 0) {
-    free (tls_psk_file);
-    tls_psk_file = nbdkit_absolute_path (value);
-    return tls_psk_file ? 0 : -1;
-  }
+  if (strcmp (key, "source-tls-certificates") == 0)
+    return parse_path (value, &tls_certificates);
+  if (strcmp (key, "source-tls-psk") == 0)
+    return parse_path (value, &tls_psk_file);
   if (strcmp (key, "source-tls-verify") == 0)
     return parse_bool (key, value, &tls_verify);
   if (strcmp (key, "hydrate") == 0) {

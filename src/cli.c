@@ -6,6 +6,8 @@
  *   aclone wait [--timeout S] META
  *   aclone pause META | aclone resume META
  *   aclone set META rate=SIZE depth=N
+ *   aclone verify [--json] META --source URI --dest PATH [--tls-...]
+ *   aclone attach [--device /dev/nbdN] [--timeout S] [--reconnect S] URI
  *
  * Exit status: 0 success, 1 runtime error, 2 usage error.
  */
@@ -21,6 +23,7 @@
 
 #include <fcntl.h>
 
+#include "aclone/attach.h"
 #include "aclone/dest.h"
 #include "aclone/map.h"
 #include "aclone/meta.h"
@@ -43,6 +46,9 @@ static const char usage_text[] =
   "  resume META                 resume background hydration\n"
   "  set META rate=SIZE depth=N  hydration rate limit in bytes/s (0 = none),\n"
   "                              copies in flight (0 = server default)\n"
+  "  attach [--device /dev/nbdN] [--timeout S] [--reconnect S] URI\n"
+  "                              attach URI to a kernel NBD device and keep\n"
+  "                              it attached across server restarts\n"
   "  verify [--json] META --source URI --dest PATH\n"
   "         [--tls-certificates DIR] [--tls-psk FILE] [--no-tls-verify]\n"
   "                              compare every copied, never-written region\n"
@@ -551,6 +557,60 @@ add_bad (struct verify *v, uint64_t off, uint64_t len)
 }
 
 static int
+parse_seconds (const char *what, const char *s, unsigned *out)
+{
+  char *end;
+  errno = 0;
+  unsigned long v = strtoul (s, &end, 10);
+  if (errno || *end || end == s || v > 86400) {
+    fprintf (stderr, "aclone: %s %s: expected seconds, 0 to 86400\n", what, s);
+    return -1;
+  }
+  *out = v;
+  return 0;
+}
+
+static int
+cmd_attach (int argc, char **argv)
+{
+  static const struct option opts[] = {
+    { "device", required_argument, NULL, 'd' },
+    { "timeout", required_argument, NULL, 't' },
+    { "reconnect", required_argument, NULL, 'r' },
+    { NULL, 0, NULL, 0 } };
+  struct aclone_attach_config cfg = { .index = -1, .timeout_s = 60,
+                                      .reconnect_s = 120 };
+  struct aclone_error err = { 0 };
+  int c;
+
+  while ((c = getopt_long (argc, argv, "", opts, NULL)) != -1) {
+    switch (c) {
+    case 'd':
+      if (sscanf (optarg, "/dev/nbd%d", &cfg.index) != 1 || cfg.index < 0)
+        return usage ("attach: --device takes /dev/nbdN");
+      break;
+    case 't':
+      if (parse_seconds ("--timeout", optarg, &cfg.timeout_s) < 0)
+        return EXIT_USAGE;
+      break;
+    case 'r':
+      if (parse_seconds ("--reconnect", optarg, &cfg.reconnect_s) < 0)
+        return EXIT_USAGE;
+      break;
+    default: return usage (NULL);
+    }
+  }
+  if (optind != argc - 1)
+    return usage ("attach: expected one NBD URI");
+  cfg.uri = argv[optind];
+  if (aclone_attach (&cfg, &err) < 0) {
+    fprintf (stderr, "aclone: %s\n", err.msg);
+    return EXIT_FAILURE;
+  }
+  return EXIT_SUCCESS;
+}
+
+static int
 cmd_verify (int argc, char **argv)
 {
   static const struct option opts[] = {
@@ -732,6 +792,8 @@ main (int argc, char **argv)
     return cmd_pause_resume (argc, argv, false);
   if (strcmp (cmd, "set") == 0)
     return cmd_set (argc, argv);
+  if (strcmp (cmd, "attach") == 0)
+    return cmd_attach (argc, argv);
   if (strcmp (cmd, "verify") == 0)
     return cmd_verify (argc, argv);
   return usage ("unknown command");

@@ -272,6 +272,24 @@ class CloneTest(unittest.TestCase):
             raise AssertionError("status never showed %s; last: %s" % (want, last))
         return dict(last)
 
+    def random_file(self, size, seed, name="source.img"):
+        """A file of random bytes in the test's directory: (path, bytes)."""
+        path = os.path.join(self.tmp, name)
+        write_random_file(path, size, seed=seed)
+        with open(path, "rb") as f:
+            return path, f.read()
+
+    def finish_and_check(self, h, server, want, src_path, timeout=60):
+        """Lift the rate limit and wait for completion; the clone (through
+        h) must read want, and once server is stopped, dest must equal
+        the source file."""
+        cli("set", self.meta, "rate=0")
+        self.wait_complete(timeout)
+        self.assertEqual(read_all(h), want)
+        h.shutdown()
+        server.stop()
+        self.assertEqual(sha(self.dest), sha(src_path))
+
     def wait_complete(self, timeout=60):
         return wait_for(lambda: status(self.meta)["state"] == "complete", timeout,
                         "hydration to complete", interval=0.1)

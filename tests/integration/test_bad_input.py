@@ -1,7 +1,6 @@
 """Integration: bad configuration and metadata get one clear line naming
 the file or URI at fault, a non-zero exit, and nothing modified."""
 import os
-import shutil
 import struct
 import subprocess
 import unittest

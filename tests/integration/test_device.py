@@ -5,11 +5,10 @@ import os
 import signal
 import subprocess
 import time
-import unittest
 
 import nbd
 
-from harness import (CloneTest, cli, main, read_all, sha, status, wait_for,
+from harness import (CloneTest, cli, main, read_all, sha, status,
                      write_random_file, PLUGIN, SANITIZED, SANITIZER_ENV)
 
 MiB = 1 << 20

@@ -6,7 +6,6 @@ import random
 import signal
 import threading
 import time
-import unittest
 
 import nbd
 
@@ -16,6 +15,23 @@ from harness import (CloneTest, SANITIZED, main, read_all, sha, status,
 MiB = 1 << 20
 RS = 64 * 1024
 ROUNDS = int(os.environ.get("ACLONE_KILL_ROUNDS", "30"))
+
+
+def background_read(server, offset):
+    """Start a thread reading one region at offset on a new connection;
+    returns (thread, result) where result gets "data" or "error"."""
+    result = {}
+
+    def reader():
+        h = server.connect()
+        try:
+            result["data"] = h.pread(RS, offset)
+            h.shutdown()
+        except Exception as e:             # an NBD error, or no server
+            result["error"] = e
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    return t, result
 
 
 class OutageTest(CloneTest):
@@ -37,35 +53,18 @@ class OutageTest(CloneTest):
         self.assertLess(time.monotonic() - t0, 1)
         self.status_becomes(state="waiting", timeout=10)
         # A read of an unhydrated region waits for the source...
-        result = {}
-
-        def reader():
-            h2 = c.connect()
-            try:
-                result["data"] = h2.pread(RS, 60 * MiB)
-            except nbd.Error as e:
-                result["error"] = e
-            result["t"] = time.monotonic()
-            h2.shutdown()
-        t = threading.Thread(target=reader)
-        t.start()
+        t, result = background_read(c, 60 * MiB)
         time.sleep(2)
         self.assertNotIn("data", result)
         # ... and succeeds when the source is back within source-timeout.
-        src2 = self.source_file(src_path, name="source")
+        self.source_file(src_path, name="source")
         t.join(30)
         self.assertFalse(t.is_alive())
         self.assertEqual(result.get("data"), want[60 * MiB:60 * MiB + RS],
                          result.get("error"))
         # Hydration resumes by itself and completes.
         self.status_becomes(state="hydrating", timeout=15)
-        from harness import cli
-        cli("set", self.meta, "rate=0")
-        self.wait_complete(60)
-        self.assertEqual(read_all(h), want)
-        h.shutdown()
-        c.stop()
-        self.assertEqual(sha(self.dest), sha(src_path))
+        self.finish_and_check(h, c, want, src_path)
 
     def test_read_fails_with_eio_after_source_timeout(self):
         src_path = os.path.join(self.tmp, "source.img")
@@ -188,10 +187,7 @@ class HungSourceTest(CloneTest):
     once it answers again."""
 
     def test_hung_source(self):
-        src_path = os.path.join(self.tmp, "source.img")
-        write_random_file(src_path, 32 * MiB, seed=8)
-        with open(src_path, "rb") as f:
-            want = f.read()
+        src_path, want = self.random_file(32 * MiB, seed=8)
         # --threads=1: nbdkit 1.32 can abort when a client closes while
         # several of its replies are queued (fixed upstream in 1.34), and
         # closing a hung connection is exactly what we test.
@@ -224,17 +220,10 @@ class HungSourceTest(CloneTest):
         # The source answers again: reads and hydration carry on.
         os.kill(src.proc.pid, signal.SIGCONT)
         self.assertEqual(h.pread(RS, 30 * MiB), want[30 * MiB:30 * MiB + RS])
-        from harness import cli
-        cli("set", self.meta, "rate=0")
-        self.wait_complete(60)
-        self.assertEqual(read_all(h), want)
-        h.shutdown()
-        c.stop()
-        self.assertEqual(sha(self.dest), sha(src_path))
+        self.finish_and_check(h, c, want, src_path)
 
     def test_stop_while_source_hangs(self):
-        src_path = os.path.join(self.tmp, "source.img")
-        write_random_file(src_path, 16 * MiB, seed=9)
+        src_path, _ = self.random_file(16 * MiB, seed=9)
         src = self.server("source", ["--threads=1", "file", src_path])
         c = self.clone(src, hydrate_rate="1M", source_timeout="30")
         h = c.connect()
@@ -242,18 +231,7 @@ class HungSourceTest(CloneTest):
         self.status_becomes(state="hydrating")
         os.kill(src.proc.pid, signal.SIGSTOP)
         self.cleanups.append(lambda: os.kill(src.proc.pid, signal.SIGCONT))
-        result = {}
-
-        def reader():
-            h2 = c.connect()
-            try:
-                result["data"] = h2.pread(RS, 12 * MiB)
-            except nbd.Error as e:
-                result["error"] = e.errno
-            except Exception as e:          # the server went away
-                result["error"] = str(e)
-        t = threading.Thread(target=reader, daemon=True)
-        t.start()
+        t, result = background_read(c, 12 * MiB)
         time.sleep(1)
         h.shutdown()
         took = c.stop()
@@ -271,10 +249,8 @@ class GracefulStopTest(CloneTest):
 
     def test_sigterm_with_attached_clients(self):
         size = 64 * MiB
-        src_path = os.path.join(self.tmp, "source.img")
-        write_random_file(src_path, size, seed=10)
-        with open(src_path, "rb") as f:
-            model = bytearray(f.read())
+        src_path, data = self.random_file(size, seed=10)
+        model = bytearray(data)
         src = self.source_file(src_path)
         c = self.clone(src, hydrate_rate="8M")
         idle = c.connect()

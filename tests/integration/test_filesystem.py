@@ -7,10 +7,9 @@ import os
 import random
 import shutil
 import subprocess
-import time
 import unittest
 
-from harness import CloneTest, main, sha, wait_for
+from harness import CloneTest, main, wait_for
 
 MiB = 1 << 20
 

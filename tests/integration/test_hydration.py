@@ -4,10 +4,9 @@ miss, and the clone outlives its source once complete."""
 import os
 import subprocess
 import time
-import unittest
 
 from harness import (CloneTest, cli, copy_rate, main, read_all, sha, status,
-                     wait_for, write_random_file)
+                     write_random_file)
 
 MiB = 1 << 20
 RS = 64 * 1024
@@ -129,7 +128,7 @@ class HydrationTest(CloneTest):
 
     def test_rate_limit_and_set(self):
         src = self.random_source(128 * MiB)
-        c = self.clone(src, hydrate_rate="4M")
+        self.clone(src, hydrate_rate="4M")
         time.sleep(1.5)                      # past the first burst
         r = copy_rate(self.meta, 4)
         self.assertAlmostEqual(r / (4 * MiB), 1.0, delta=0.2)
@@ -146,7 +145,7 @@ class HydrationTest(CloneTest):
         self.src_path = os.path.join(self.tmp, "source.img")
         write_random_file(self.src_path, 256 * MiB, seed=1)
         src = self.source_file(self.src_path, filters=["delay"], extra=["rdelay=50ms"])
-        c = self.clone(src, hydrate_depth="1", hydrate_batch="256K")
+        self.clone(src, hydrate_depth="1", hydrate_batch="256K")
         time.sleep(1)
         one = copied_after(self.meta, 3)
         cli("set", self.meta, "depth=8")

@@ -16,7 +16,7 @@ import unittest
 import nbd
 
 from harness import (CloneTest, PLUGIN, SANITIZED, SANITIZER_ENV, main,
-                     read_all, sha, status, wait_for, write_random_file)
+                     read_all, status, wait_for, write_random_file)
 
 MiB = 1 << 20
 UNITS = os.path.join(os.path.dirname(os.path.abspath(__file__)),

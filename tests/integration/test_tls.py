@@ -12,7 +12,7 @@ import subprocess
 import unittest
 
 from harness import (CloneTest, SANITIZED, cli, free_tcp_port, main,
-                     read_all, sha, status, wait_for, write_random_file)
+                     read_all, write_random_file)
 
 MiB = 1 << 20
 # An nbdkit that fails at startup hangs at exit under the sanitizer
@@ -53,18 +53,13 @@ class PskTest(CloneTest):
         self.status_becomes(state="waiting", timeout=10)
         src = self.tls_source()
         self.status_becomes(state="hydrating", timeout=15)
-        cli("set", self.meta, "rate=0")
-        self.wait_complete(60)
-        self.assertEqual(read_all(h), want)
-        h.shutdown()
+        self.finish_and_check(h, c, want, self.src_path)
         texts = {
             "server log": c.output(),
             "status": cli("status", self.meta).stdout,
             "status --json": cli("status", "--json", self.meta).stdout,
             "inspect": cli("inspect", self.meta).stdout,
         }
-        c.stop()
-        self.assertEqual(sha(self.dest), sha(self.src_path))
         # The audit reaches the source with the same settings.
         v = cli("verify", "--json", self.meta, "--source", self.tls_uri(src),
                 "--dest", self.dest, "--tls-psk", self.psk)

@@ -18,12 +18,10 @@ Skips (exit 77) only when qemu or the kernel package cannot be had.
 """
 import hashlib
 import os
-import signal
 import subprocess
 import time
-import unittest
 
-from harness import (CloneTest, SANITIZED, cli, free_tcp_port, main,
+from harness import (CLI, CloneTest, SANITIZED, free_tcp_port, main,
                      read_all, sha, status, wait_for, write_random_file)
 import vm
 
@@ -75,37 +73,61 @@ dd if=/dev/nbd1 of=/tmp/a bs=1M skip=48 count=1 2>/dev/null
 r1=$?
 dd if=/dev/nbd1 of=/tmp/b bs=1M skip=56 count=1 2>/dev/null
 say reattach-read $r1$? $(sum < /tmp/a) $(sum < /tmp/b)
-
-# 4. ext4 on the kernel client's device.
-/usr/sbin/mke2fs -q -t ext4 -F /dev/nbd1 && mount -t ext4 /dev/nbd1 /mnt || say fs-failed nbd
-dd if=/dev/urandom of=/mnt/data.bin bs=1M count=4 2>/dev/null
-sync
-say nbd-file $(sum < /mnt/data.bin)
-umount /mnt
-blockdev --flushbufs /dev/nbd1
-say nbd-dev $(dd if=/dev/nbd1 bs=1M 2>/dev/null | sum)
 /usr/sbin/nbd-client -d /dev/nbd1 >/dev/null 2>&1
 
-# 5. qemu's NBD client: /dev/vda.
-say vda-src16 $(dd if=/dev/vda bs=1M count=16 2>/dev/null | sum)
-/usr/sbin/mke2fs -q -t ext4 -F /dev/vda && mount -t ext4 /dev/vda /mnt || say fs-failed vda
-dd if=/dev/urandom of=/mnt/data.bin bs=1M count=4 2>/dev/null
-sync
-say vda-file $(sum < /mnt/data.bin)
-umount /mnt
-blockdev --flushbufs /dev/vda
-say vda-dev $(dd if=/dev/vda bs=1M 2>/dev/null | sum)
+# 4. `aclone attach`: the kernel client through netlink, reconnecting.  A
+# flushed write, a server restart, then reads right away: they wait for
+# the new connection instead of failing.
+%(cli)s attach --device /dev/nbd5 --timeout 20 --reconnect 60 \
+    nbd://10.0.2.2:%(port)d/vol > /tmp/attach.log 2>&1 &
+apid=$!
+sleep 2
+dd if=/tmp/w of=/dev/nbd5 bs=1M seek=40 conv=fsync 2>/dev/null
+say attach-wrote $?
+say restart-me 3
+sleep 0.5
+echo 3 > /proc/sys/vm/drop_caches
+dd if=/dev/nbd5 of=/tmp/c bs=1M skip=40 count=1 2>/dev/null
+r=$?
+dd if=/dev/nbd5 of=/tmp/d bs=1M skip=60 count=1 2>/dev/null
+say attach-io $r$? $(sum < /tmp/c) $(sum < /tmp/d)
 
-# 6. qemu's NBD client with reconnect-delay (/dev/vdb): a server restart
+# ext4 on DEV: make, mount, write a file, unmount; report the file's and
+# the whole device's checksums as TAG-file and TAG-dev.
+ext4_round() {
+  /usr/sbin/mke2fs -q -t ext4 -F $1 && mount -t ext4 $1 /mnt || say fs-failed $2
+  dd if=/dev/urandom of=/mnt/data.bin bs=1M count=4 2>/dev/null
+  sync
+  say $2-file $(sum < /mnt/data.bin)
+  umount /mnt
+  blockdev --flushbufs $1
+  say $2-dev $(dd if=$1 bs=1M 2>/dev/null | sum)
+}
+
+# 5. ext4 on the kernel client's device (attached by aclone attach);
+# then detach it: aclone attach sees that and exits.
+ext4_round /dev/nbd5 nbd
+/usr/sbin/nbd-client -d /dev/nbd5 >/dev/null 2>&1
+sleep 3
+kill -0 $apid 2>/dev/null
+say attach-exited $?
+cat /tmp/attach.log
+
+# 6. qemu's NBD client: /dev/vda.
+say vda-src16 $(dd if=/dev/vda bs=1M count=16 2>/dev/null | sum)
+ext4_round /dev/vda vda
+
+# 7. qemu's NBD client with reconnect-delay (/dev/vdb): a server restart
 # under it, with reads and a flushed write on either side.
 a=$(dd if=/dev/vdb bs=1M skip=4 count=1 2>/dev/null | sum)
-say restart-me 3
+say restart-me 4
 sleep 6
 echo 3 > /proc/sys/vm/drop_caches
 dd if=/dev/vdb of=/tmp/b bs=1M skip=20 count=1 2>/dev/null
 r=$?
 dd if=/tmp/w of=/dev/vdb bs=1M seek=30 conv=fsync 2>/dev/null
 say reconnect-io $r$? $a $(sum < /tmp/b)
+
 """
 
 
@@ -150,7 +172,8 @@ class VMTest(CloneTest):
         workdir = os.path.join(self.tmp, "vm")
         os.mkdir(workdir)
         try:
-            guest = vm.VM(workdir, GUEST % {"port": port},
+            guest = vm.VM(workdir, GUEST % {"port": port, "cli": "/bin/aclone"},
+                          extra_bins=[CLI],
                           drives=["file=nbd+unix:///?socket=%s,format=raw,"
                                   "if=virtio,cache=none" % b.sock,
                                   "driver=raw,file.driver=nbd,file.server.type=unix,"
@@ -161,8 +184,9 @@ class VMTest(CloneTest):
         self.cleanups.append(guest.kill)
         try:
             booted = guest.wait_for("booted", BOOT_TIMEOUT)
-            print("guest booted in %s s (kernel uptime), %s" %
-                  (booted[0], "KVM" if guest.kvm else "TCG"))
+            print("guest at its script %.1f s after qemu started (kernel "
+                  "uptime %s s), %s" % (time.monotonic() - guest.started,
+                                       booted[0], "KVM" if guest.kvm else "TCG"))
             self.assertEqual(guest.wait_for("nbd0-src16", 120)[0], h256(source[:16 * MiB]))
             # Restart clone A's server while the guest holds the device.
             stops = []
@@ -194,13 +218,25 @@ class VMTest(CloneTest):
             self.assertEqual(rc, "00", guest.console())
             self.assertEqual(sha48, wrote[1])
             self.assertEqual(sha56, h256(source[56 * MiB:57 * MiB]))
+            # aclone attach: the kernel client rides out a restart too.
+            self.assertEqual(guest.wait_for("attach-wrote", 60)[0], "0", guest.console())
+            self.assertEqual(self.nth(guest, "restart-me", 3), "3")
+            a.stop()
+            self.servers.remove(a)
+            a = self.clone_a(src, port, hydrate_rate="2M")
+            rc, sha40, sha60 = guest.wait_for("attach-io", 120)
+            print("aclone attach: I/O after the restart exits %s" % rc)
+            self.assertEqual(rc, "00", guest.console())
+            self.assertEqual(sha40, wrote[1])
+            self.assertEqual(sha60, h256(source[60 * MiB:61 * MiB]))
             nbd_file = guest.wait_for("nbd-file", 180)[0]
             nbd_dev = guest.wait_for("nbd-dev", 180)[0]
+            self.assertEqual(guest.wait_for("attach-exited", 30)[0], "1")  # gone
             self.assertEqual(guest.wait_for("vda-src16", 120)[0], h256(source[:16 * MiB]))
             vda_file = guest.wait_for("vda-file", 180)[0]
             vda_dev = guest.wait_for("vda-dev", 180)[0]
             # qemu with reconnect-delay rides out a server restart.
-            self.assertEqual(self.nth(guest, "restart-me", 3), "3")
+            self.assertEqual(self.nth(guest, "restart-me", 4), "4")
             cc.stop()
             self.servers.remove(cc)
             cc = self.clone(src, name="cloneC", dest=dest_c, meta=meta_c,
@@ -212,9 +248,10 @@ class VMTest(CloneTest):
             self.assertEqual(sha20, h256(source[20 * MiB:21 * MiB]))
             guest.wait_for("end", 60)
             guest.wait_exit(30)
+            print("\n".join(l for l in guest.lines if "/dev/nbd5" in l))
             for key in ("attach-failed", "fs-failed", "insmod-failed"):
                 self.assertIsNone(guest.result(key), guest.console())
-        except AssertionError:
+        except BaseException:
             print("---- guest console ----\n" + guest.console(200))
             raise
 

@@ -123,7 +123,7 @@ def copy_with_libs(binary, root):
         put(m.group(1))
 
 
-def build_initramfs(workdir, moddir, script):
+def build_initramfs(workdir, moddir, script, extra_bins=()):
     """An initramfs whose /init loads the modules, brings up the network
     and runs script (busybox sh), then powers off.  Returns its path."""
     root = os.path.join(workdir, "initramfs")
@@ -135,6 +135,9 @@ def build_initramfs(workdir, moddir, script):
                                              text=True).stdout:
         raise Unavailable("a static busybox (busybox-static) is not installed")
     shutil.copy2(busybox, os.path.join(root, "bin", "busybox"))
+    for path in extra_bins:                      # e.g. the aclone CLI
+        copy_with_libs(os.path.abspath(path), root)
+        os.symlink(os.path.abspath(path), os.path.join(root, "bin", os.path.basename(path)))
     for tool in ("nbd-client", "mke2fs"):
         path = shutil.which(tool) or os.path.join("/usr/sbin", tool)
         if not os.path.exists(path):
@@ -212,13 +215,14 @@ class VM:
     """A running guest.  lines: its console so far; results: the "@@"
     lines as (key, [values]) in order."""
 
-    def __init__(self, workdir, script, drives=(), memory=512, accel_name=None):
+    def __init__(self, workdir, script, drives=(), memory=512, accel_name=None,
+                 extra_bins=()):
         qemu = shutil.which("qemu-system-x86_64")
         if not qemu:
             raise Unavailable("qemu-system-x86_64 (qemu-system-x86) is not installed")
         vmlinuz, moddir = kernel()
         self.kvm = (accel_name or accel(workdir)) == "kvm"
-        initrd = build_initramfs(workdir, moddir, script)
+        initrd = build_initramfs(workdir, moddir, script, extra_bins)
         cmd = [qemu, "-nodefaults", "-no-user-config", "-display", "none",
                "-m", str(memory), "-smp", "2" if self.kvm else "1",
                "-accel", "kvm" if self.kvm else "tcg",
@@ -233,6 +237,7 @@ class VM:
         self.results = []
         self.cond = threading.Condition()
         self.log = open(os.path.join(workdir, "console.log"), "w")
+        self.started = time.monotonic()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.reader = threading.Thread(target=self._read, daemon=True)

@@ -1,0 +1,24 @@
+/* aclone: attach an NBD export to a kernel NBD device and keep it
+ * attached across server restarts (`aclone attach`, see src/attach.c).
+ */
+#ifndef ACLONE_ATTACH_H
+#define ACLONE_ATTACH_H
+
+#include "aclone/error.h"
+
+struct aclone_attach_config {
+  const char *uri;             /* nbd://host:port/name, nbd+unix://... */
+  int index;                   /* N of /dev/nbdN, or -1: the kernel picks */
+  unsigned block_size;         /* 0: 4096 */
+  unsigned timeout_s;          /* request timeout; 0: none (never resent) */
+  unsigned reconnect_s;        /* how long I/O waits for a new connection */
+};
+
+/* Connect, attach, then run until SIGTERM/SIGINT or until the device is
+ * detached (nbd-client -d), reconnecting whenever the kernel reports the
+ * connection dead.  Returns 0 or -errno with err set.
+ */
+int aclone_attach (const struct aclone_attach_config *cfg,
+                   struct aclone_error *err);
+
+#endif
