@@ -14,8 +14,9 @@ DEB_BUILD  ?= build-deb
 FUZZ_BUILD ?= build-fuzz
 MESON     ?= meson
 
+# (nbdfuse comes with libnbd-bin in Debian 12.)
 DEBS = gcc pkg-config meson ninja-build \
-       nbdkit nbdkit-plugin-dev libnbd-dev libnbd-bin nbdfuse python3-libnbd \
+       nbdkit nbdkit-plugin-dev libnbd-dev libnbd-bin python3-libnbd \
        liburing-dev libbsd-dev libcmocka-dev \
        qemu-utils e2fsprogs fuse3 util-linux clang libclang-rt-14-dev valgrind \
        openssl systemd dpkg-dev debhelper lintian man-db \

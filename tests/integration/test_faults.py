@@ -281,6 +281,7 @@ class GracefulStopTest(CloneTest):
         wait_for(lambda: len(acked) > 200, 20, "writes")
         self.assertEqual(status(self.meta)["state"], "hydrating")
         took = c.stop(signal.SIGTERM)
+        print("SIGTERM to exit, 2 clients attached, hydrating: %.3f s" % took)
         stop.set()
         t.join(10)
         self.assertTrue(done.is_set())

@@ -15,7 +15,8 @@ import unittest
 
 import nbd
 
-from harness import (CloneTest, PLUGIN, SANITIZED, SANITIZER_ENV, main,
+from harness import (CloneTest, PLUGIN, SANITIZED, SANITIZER_ENV,
+                     SANITIZER_MARKERS, main,
                      read_all, status, wait_for, write_random_file)
 
 MiB = 1 << 20
@@ -84,10 +85,17 @@ class SystemdTest(CloneTest):
         argv = expand(unit_exec_start(), env)
         argv[argv.index("aclone")] = PLUGIN     # the build tree's plugin
         log = open(os.path.join(self.tmp, "activate.log"), "ab")
-        e = dict(os.environ)
-        e.update(SANITIZER_ENV)
-        p = subprocess.Popen(["systemd-socket-activate", "-l", sock] + argv,
-                             stdout=log, stderr=subprocess.STDOUT, env=e)
+        # systemd-socket-activate gives the service only the variables
+        # named with -E, as systemd would: pass the sanitizer's on.
+        passed = dict(SANITIZER_ENV)
+        for k in ("ASAN_OPTIONS", "UBSAN_OPTIONS", "TSAN_OPTIONS"):
+            if k in os.environ:
+                passed[k] = os.environ[k]
+        setenv = []
+        for k, v in passed.items():
+            setenv += ["-E", "%s=%s" % (k, v)]
+        p = subprocess.Popen(["systemd-socket-activate", "-l", sock] + setenv + argv,
+                             stdout=log, stderr=subprocess.STDOUT)
         self.cleanups.append(lambda: (p.poll() is None and p.kill(), p.wait(10)))
         wait_for(lambda: os.path.exists(sock), 10, "the socket")
         return p
@@ -154,6 +162,11 @@ class SystemdTest(CloneTest):
         h = self.connect(sock)
         self.assertEqual(read_all(h), bytes(model))
         h.shutdown()
+        for q in self.cleanups:
+            q()
+        self.cleanups.clear()
+        for marker in SANITIZER_MARKERS:
+            self.assertNotIn(marker, self.log())
 
 
 if __name__ == "__main__":
