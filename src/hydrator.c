@@ -64,6 +64,7 @@
 #define HYDRATOR_NICE    10                  /* below client threads */
 #define FG_WINDOW_NS     10000000ull         /* clients "active": 10 ms */
 #define STOP_DRAIN_NS    1000000000ull       /* reads finishing at stop */
+#define STALL_CHECK_NS    200000000ull       /* how often to look for hangs */
 
 enum batch_state { B_FREE, B_READING, B_READ_DONE, B_WRITING };
 
@@ -123,6 +124,8 @@ struct worker {
   struct batch *batches;
   unsigned nbatches, inflight;
   unsigned read_done;         /* batches in B_READ_DONE */
+  unsigned long long stall_ns;     /* source-timeout; 0: no stall checks */
+  unsigned long long stall_check_at;
 };
 
 struct aclone_hydrator {
@@ -760,22 +763,28 @@ check_stalls (struct worker *h)
   struct aclone_clone *c = h->c;
   unsigned long long now = aclone_now_ns ();
 
-  pthread_rwlock_rdlock (&c->src_lock);
-  unsigned timeout_s = c->src ? c->src->timeout_s : 0;
-  for (unsigned i = 0; timeout_s && i < h->nconns; i++) {
+  /* A few times a second is plenty for a timeout of seconds, and keeps
+   * this off the copy loop's hot path.
+   */
+  if (!h->stall_ns || now < h->stall_check_at)
+    return;
+  h->stall_check_at = now + STALL_CHECK_NS;
+  for (unsigned i = 0; i < h->nconns; i++) {
     struct conn *k = &h->conns[i];
-    if (!k->h || k->busy == 0 ||
-        now - k->progress_ns < timeout_s * 1000000000ull)
+    if (!k->h || k->busy == 0 || now - k->progress_ns < h->stall_ns)
       continue;
-    aclone_clone_error (c, "hydrator: source %s: no reply for %u s, "
-                        "reconnecting", c->src->desc, timeout_s);
+    pthread_rwlock_rdlock (&c->src_lock);
+    if (c->src) {
+      aclone_clone_error (c, "hydrator: source %s: no reply for %llu s, "
+                          "reconnecting", c->src->desc, h->stall_ns / 1000000000ull);
+      unsigned long long zero = 0;
+      atomic_compare_exchange_strong (&c->src->outage_since_ns, &zero,
+                                      aclone_wall_ns ());
+    }
+    pthread_rwlock_unlock (&c->src_lock);
     failed (h);
     conn_close (h, i);
-    unsigned long long zero = 0;
-    atomic_compare_exchange_strong (&c->src->outage_since_ns, &zero,
-                                    aclone_wall_ns ());
   }
-  pthread_rwlock_unlock (&c->src_lock);
 }
 
 static void
@@ -959,6 +968,7 @@ worker_init (struct aclone_hydrator *hy, unsigned k, struct aclone_clone *c,
 
   if (!c->src || !c->src->ops->aio_connect)
     return 0;                          /* the plain engine */
+  h->stall_ns = c->src->timeout_s * 1000000000ull;
   h->nconns = conns;
   h->nbatches = ACLONE_HYDRATOR_MAX_DEPTH;
   h->batches = calloc (h->nbatches, sizeof *h->batches);
