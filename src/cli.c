@@ -35,7 +35,8 @@
 
 static const char usage_text[] =
   "Usage: aclone COMMAND [OPTIONS] META\n"
-  "Watch and steer an aclone clone through its metadata file META.\n"
+  "Watch and steer an aclone clone through its metadata file META;\n"
+  "attach an NBD export to a kernel NBD device (attach).\n"
   "\n"
   "Commands:\n"
   "  status [--json] META        progress, rate, state, errors\n"
