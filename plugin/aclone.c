@@ -24,7 +24,7 @@
  *   1. shuts down the read side of every accepted client socket, so that
  *      nbdkit reads EOF, answers the requests it already has, and closes
  *      the connection (the client sees the server go away, as at a
- *      restart; `nbd-client -persist` reconnects);
+ *      restart; `aclone attach` and qemu with reconnect-delay reconnect);
  *   2. waits up to STOP_CLIENTS_MS for the connections to close;
  *   3. stops the hydrator (source reads in flight get up to 1 s);
  *   4. aclone_clone_shutdown: gate closed, final commit, lock released.
@@ -78,7 +78,8 @@ static struct aclone_clone *the_clone;
 #define STOP_CLIENTS_MS 500
 #define STOP_REQUESTS_MS 300
 static const int quit_signals[] = { SIGINT, SIGQUIT, SIGTERM, SIGHUP };
-static struct sigaction nbdkit_actions[4];
+#define NQUIT (sizeof quit_signals / sizeof *quit_signals)
+static struct sigaction nbdkit_actions[NQUIT];
 static int stop_pipe[2] = { -1, -1 };
 static pthread_t stop_thread;
 static bool stop_thread_running;
@@ -281,7 +282,7 @@ on_quit_signal (int sig)
 {
   int saved = errno;
 
-  for (size_t i = 0; i < sizeof quit_signals / sizeof *quit_signals; i++) {
+  for (size_t i = 0; i < NQUIT; i++) {
     if (quit_signals[i] != sig)
       continue;
     void (*fn) (int) = nbdkit_actions[i].sa_handler;
@@ -427,7 +428,7 @@ start_stop_watcher (void)
     return -1;
   }
   stop_thread_running = true;
-  for (size_t i = 0; i < sizeof quit_signals / sizeof *quit_signals; i++) {
+  for (size_t i = 0; i < NQUIT; i++) {
     struct sigaction sa = { .sa_handler = on_quit_signal, .sa_flags = SA_RESTART };
     sigfillset (&sa.sa_mask);
     sigaction (quit_signals[i], &sa, &nbdkit_actions[i]);
@@ -443,7 +444,7 @@ stop_stop_watcher (void)
 {
   if (!stop_thread_running)
     return;
-  for (size_t i = 0; i < sizeof quit_signals / sizeof *quit_signals; i++)
+  for (size_t i = 0; i < NQUIT; i++)
     sigaction (quit_signals[i], &nbdkit_actions[i], NULL);
   if (write (stop_pipe[1], "c", 1) < 0) {
     /* Full: it has been woken. */

@@ -424,7 +424,7 @@ clone_pwrite (struct aclone_clone *c, const void *buf, uint32_t count,
 
 static int
 clone_zero (struct aclone_clone *c, uint32_t count, uint64_t offset,
-                   bool may_trim, bool fast, bool fua)
+            bool may_trim, bool fast, bool fua)
 {
   struct wop w = { .data = NULL, .punch = may_trim, .fast = fast };
   return apply (c, &w, count, offset, fua);
@@ -680,7 +680,6 @@ aclone_clone_extents (struct aclone_clone *c, uint32_t count, uint64_t offset,
   return GATED (c, clone_extents (c, count, offset, req_one, fn, opaque));
 }
 
-
 /* Live page -------------------------------------------------------- */
 
 #define LIVE_STORE(field, v) __atomic_store_n (&live->field, (v), __ATOMIC_RELAXED)
@@ -916,6 +915,15 @@ aclone_clone_open (const struct aclone_clone_config *cfg,
   return r;
 }
 
+void
+aclone_clone_cancel_source (struct aclone_clone *c)
+{
+  pthread_rwlock_rdlock (&c->src_lock);
+  if (c->src)
+    atomic_store (&c->src->cancelled, true);
+  pthread_rwlock_unlock (&c->src_lock);
+}
+
 int
 aclone_clone_shutdown (struct aclone_clone *c, unsigned drain_ms)
 {
@@ -928,10 +936,7 @@ aclone_clone_shutdown (struct aclone_clone *c, unsigned drain_ms)
 
   /* 1. Close the gate; requests waiting for a lost source give up. */
   atomic_store (&c->gate_closed, true);
-  pthread_rwlock_rdlock (&c->src_lock);
-  if (c->src)
-    atomic_store (&c->src->cancelled, true);
-  pthread_rwlock_unlock (&c->src_lock);
+  aclone_clone_cancel_source (c);
 
   /* 2. Let the requests inside finish. */
   unsigned long long end = aclone_now_ns () + drain_ms * 1000000ull;

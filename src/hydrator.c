@@ -537,11 +537,9 @@ conns_refill (struct worker *h)
     pthread_rwlock_unlock (&c->src_lock);
     if (!k->h) {
       /* Unreachable: an outage, which status shows as "waiting". */
-      unsigned long long zero = 0;
       pthread_rwlock_rdlock (&c->src_lock);
       if (c->src)
-        atomic_compare_exchange_strong (&c->src->outage_since_ns, &zero,
-                                        aclone_wall_ns ());
+        aclone_source_note_outage (c->src);
       pthread_rwlock_unlock (&c->src_lock);
       failed (h);
       k->retry_at = now + h->backoff_ns;
@@ -777,9 +775,7 @@ check_stalls (struct worker *h)
     if (c->src) {
       aclone_clone_error (c, "hydrator: source %s: no reply for %llu s, "
                           "reconnecting", c->src->desc, h->stall_ns / 1000000000ull);
-      unsigned long long zero = 0;
-      atomic_compare_exchange_strong (&c->src->outage_since_ns, &zero,
-                                      aclone_wall_ns ());
+      aclone_source_note_outage (c->src);
     }
     pthread_rwlock_unlock (&c->src_lock);
     failed (h);
@@ -1065,10 +1061,7 @@ aclone_hydrator_stop (struct aclone_clone *c)
   if (!hy)
     return;
   atomic_store (&hy->stop, true);
-  pthread_rwlock_rdlock (&c->src_lock);
-  if (c->src)
-    atomic_store (&c->src->cancelled, true);
-  pthread_rwlock_unlock (&c->src_lock);
+  aclone_clone_cancel_source (c);
   for (unsigned k = 0; k < hy->n; k++)
     if (hy->w[k].started)
       pthread_join (hy->w[k].thread, NULL);

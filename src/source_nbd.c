@@ -284,15 +284,6 @@ run_call (struct nbd_source *s, struct nbd_handle *h, struct call *c,
   return drive (s, h, cookie, deadline);
 }
 
-/* The source is lost: record since when, for the live page. */
-static void
-note_outage (struct nbd_source *s)
-{
-  unsigned long long zero = 0;
-  atomic_compare_exchange_strong (&s->base.outage_since_ns, &zero,
-                                  aclone_wall_ns ());
-}
-
 /* Run one call within timeout_s, riding out a lost source. */
 static int
 with_retry (struct nbd_source *s, struct call *c)
@@ -317,14 +308,14 @@ with_retry (struct nbd_source *s, struct call *c)
         return r;
       if (r == -ETIMEDOUT) {
         /* Hung: the connection is up but nothing came back. */
-        note_outage (s);
+        aclone_source_note_outage (&s->base);
         return -EIO;
       }
     }
     /* The source is gone (or every connection stayed busy): note the
      * outage, back off, try again.
      */
-    note_outage (s);
+    aclone_source_note_outage (&s->base);
     unsigned long long until = aclone_now_ns () + backoff;
     if (until > deadline)
       until = deadline;

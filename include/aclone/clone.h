@@ -99,6 +99,11 @@ int aclone_clone_open (const struct aclone_clone_config *cfg,
  */
 int aclone_clone_start (struct aclone_clone *c, struct aclone_error *err);
 
+/* Make calls waiting for a lost or hung source give up now (-ESHUTDOWN):
+ * for stopping.  The source stays open.
+ */
+void aclone_clone_cancel_source (struct aclone_clone *c);
+
 /* Graceful stop, without freeing anything, so that threads still
  * calling in get -ESHUTDOWN rather than a freed clone:
  *   1. close the request gate (new requests fail with -ESHUTDOWN) and

@@ -9,6 +9,7 @@
 #ifndef ACLONE_SOURCE_H
 #define ACLONE_SOURCE_H
 
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stddef.h>
@@ -84,6 +85,16 @@ aclone_source_pread (struct aclone_source *s, void *buf, size_t count,
                      uint64_t offset)
 {
   return s->ops->pread (s, buf, count, offset);
+}
+
+/* The source is lost (0 = connected): record since when, once, for the
+ * live page's "waiting" state.
+ */
+static inline void
+aclone_source_note_outage (struct aclone_source *s)
+{
+  unsigned long long zero = 0;
+  atomic_compare_exchange_strong (&s->outage_since_ns, &zero, aclone_wall_ns ());
 }
 
 static inline void

@@ -17,6 +17,17 @@ RS = 64 * 1024
 ROUNDS = int(os.environ.get("ACLONE_KILL_ROUNDS", "30"))
 
 
+def assert_eio_within(test, h, offset, low, high):
+    """A read of one region at offset fails with EIO after low to high s."""
+    t0 = time.monotonic()
+    with test.assertRaises(nbd.Error) as e:
+        h.pread(RS, offset)
+    took = time.monotonic() - t0
+    test.assertEqual(e.exception.errno, "EIO")
+    test.assertGreaterEqual(took, low)
+    test.assertLess(took, high)
+
+
 def background_read(server, offset):
     """Start a thread reading one region at offset on a new connection;
     returns (thread, result) where result gets "data" or "error"."""
@@ -74,13 +85,7 @@ class OutageTest(CloneTest):
         h = c.connect()
         h.pread(RS, 0)
         src.stop(signal.SIGKILL)
-        t0 = time.monotonic()
-        with self.assertRaises(nbd.Error) as e:
-            h.pread(RS, 8 * MiB)
-        took = time.monotonic() - t0
-        self.assertEqual(e.exception.errno, "EIO")
-        self.assertGreaterEqual(took, 2.5)
-        self.assertLess(took, 6)                  # never hangs past the timeout
+        assert_eio_within(self, h, 8 * MiB, 2.5, 6)   # never past the timeout
         wait_for(lambda: status(self.meta)["errors"] > 0, 5, "error counted")
         self.assertIn("8388608", status(self.meta)["last_error"])
         self.assertEqual(h.pread(RS, 0)[:10], open(src_path, "rb").read(10))
@@ -203,13 +208,7 @@ class HungSourceTest(CloneTest):
         self.assertEqual(h.pread(RS, 0), want[:RS])
         self.assertLess(time.monotonic() - t0, 1)
         # An unhydrated read gives up at the timeout, not later.
-        t0 = time.monotonic()
-        with self.assertRaises(nbd.Error) as e:
-            h.pread(RS, 30 * MiB)
-        took = time.monotonic() - t0
-        self.assertEqual(e.exception.errno, "EIO")
-        self.assertGreaterEqual(took, 2.5)
-        self.assertLess(took, 5)
+        assert_eio_within(self, h, 30 * MiB, 2.5, 5)
         # The hydrator saw the hang too, and status shows the outage.
         wait_for(lambda: "no reply for 3 s" in c.output(), 10,
                  "the hydrator to notice the hang")
