@@ -169,14 +169,17 @@ depth_limit (struct worker *h)
 {
   uint64_t d = CTL (h, ctl_depth);
   unsigned depth = d ? (unsigned) MIN (d, ACLONE_HYDRATOR_MAX_DEPTH) : h->cfg.depth;
-  depth = MAX (depth / h->hy->n, 1u);    /* this worker's share */
+  /* This worker's share; the shares add up to the depth exactly, so a
+   * depth below the number of workers leaves some of them idle.
+   */
+  depth = depth / h->hy->n + (h->id < depth % h->hy->n);
   /* Foreground first: while clients are active (a request in progress
    * or begun in the last FG_WINDOW), a quarter of the depth.
    */
   unsigned long long last = atomic_load_explicit (&h->c->fg_last_ns,
                                                   memory_order_relaxed);
-  if (atomic_load (&h->c->fg_active) > 0 ||
-      (last && aclone_now_ns () - last < FG_WINDOW_NS))
+  if (depth > 1 && (atomic_load (&h->c->fg_active) > 0 ||
+                    (last && aclone_now_ns () - last < FG_WINDOW_NS)))
     depth = MAX (depth / 4, 1u);
   return depth;
 }
