@@ -9,7 +9,7 @@ import time
 
 import nbd
 
-from harness import (CloneTest, SANITIZED, main, read_all, sha, status,
+from harness import (CloneTest, PROMPT, main, read_all, sha, status,
                      wait_for, write_random_file)
 
 MiB = 1 << 20
@@ -17,8 +17,11 @@ RS = 64 * 1024
 ROUNDS = int(os.environ.get("ACLONE_KILL_ROUNDS", "30"))
 
 
-def assert_eio_within(test, h, offset, low, high):
-    """A read of one region at offset fails with EIO after low to high s."""
+def assert_eio_after(test, h, offset, timeout):
+    """A read of one region at offset fails with EIO once the source-timeout
+    has passed: not before it (less a little for the clock), and not much
+    after it (PROMPT: a bound that catches a hang, not a measure)."""
+    low, high = timeout - 0.5, timeout + PROMPT
     t0 = time.monotonic()
     with test.assertRaises(nbd.Error) as e:
         h.pread(RS, offset)
@@ -58,10 +61,11 @@ class OutageTest(CloneTest):
         self.assertEqual(h.pread(RS, 0), want[:RS])          # region 0 hydrated
         self.status_becomes(state="hydrating")
         src.stop(signal.SIGKILL)
-        # Hydrated regions are served throughout, at once.
+        # Hydrated regions are served throughout, without waiting for the
+        # source (20 s).
         t0 = time.monotonic()
         self.assertEqual(h.pread(RS, 0), want[:RS])
-        self.assertLess(time.monotonic() - t0, 1)
+        self.assertLess(time.monotonic() - t0, PROMPT)
         self.status_becomes(state="waiting", timeout=10)
         # A read of an unhydrated region waits for the source...
         t, result = background_read(c, 60 * MiB)
@@ -85,14 +89,12 @@ class OutageTest(CloneTest):
         h = c.connect()
         h.pread(RS, 0)
         src.stop(signal.SIGKILL)
-        assert_eio_within(self, h, 8 * MiB, 2.5, 6)   # never past the timeout
+        assert_eio_after(self, h, 8 * MiB, 3)
         wait_for(lambda: status(self.meta)["errors"] > 0, 5, "error counted")
         self.assertIn("8388608", status(self.meta)["last_error"])
         self.assertEqual(h.pread(RS, 0)[:10], open(src_path, "rb").read(10))
         h.shutdown()
-        took = c.stop()
-        if not SANITIZED:       # exit after libnbd errors hangs under the preload
-            self.assertLess(took, 3.0)            # and stops promptly
+        self.assert_prompt(c.stop(), PROMPT, "SIGTERM to exit after source errors")
 
 
 def unexplained(got, durable, maybe):
@@ -197,20 +199,21 @@ class HungSourceTest(CloneTest):
         # several of its replies are queued (fixed upstream in 1.34), and
         # closing a hung connection is exactly what we test.
         src = self.server("source", ["--threads=1", "file", src_path])
-        c = self.clone(src, hydrate_rate="2M", source_timeout="3")
+        timeout = 8             # above PROMPT: "at once" is told from it
+        c = self.clone(src, hydrate_rate="2M", source_timeout=str(timeout))
         h = c.connect()
         self.assertEqual(h.pread(RS, 0), want[:RS])
         self.status_becomes(state="hydrating")
         os.kill(src.proc.pid, signal.SIGSTOP)
         self.cleanups.append(lambda: os.kill(src.proc.pid, signal.SIGCONT))
-        # Hydrated data is served at once during the hang.
+        # Hydrated data is served during the hang, without waiting for it.
         t0 = time.monotonic()
         self.assertEqual(h.pread(RS, 0), want[:RS])
-        self.assertLess(time.monotonic() - t0, 1)
+        self.assertLess(time.monotonic() - t0, PROMPT)
         # An unhydrated read gives up at the timeout, not later.
-        assert_eio_within(self, h, 30 * MiB, 2.5, 5)
+        assert_eio_after(self, h, 30 * MiB, timeout)
         # The hydrator saw the hang too, and status shows the outage.
-        wait_for(lambda: "no reply for 3 s" in c.output(), 10,
+        wait_for(lambda: "no reply for %d s" % timeout in c.output(), 2 * timeout,
                  "the hydrator to notice the hang")
         st = wait_for(lambda: (lambda s: s["state"] in ("waiting", "error")
                                          and s)(status(self.meta)),
@@ -237,14 +240,14 @@ class HungSourceTest(CloneTest):
         t.join(5)
         self.assertFalse(t.is_alive())
         self.assertNotIn("data", result)
-        if not SANITIZED:
-            self.assertLess(took, 3.0)      # not the 30 s source-timeout
+        # Not the 30 s source-timeout.
+        self.assert_prompt(took, PROMPT, "SIGTERM to exit, source hung")
 
 
 class GracefulStopTest(CloneTest):
     """SIGTERM with clients attached, one idle and one writing, while
     hydration runs: the server answers what it has, commits, releases the
-    lock and exits within 2 s, and every acknowledged write is there."""
+    lock and exits promptly, and every acknowledged write is there."""
 
     def test_sigterm_with_attached_clients(self):
         size = 64 * MiB
@@ -287,8 +290,7 @@ class GracefulStopTest(CloneTest):
         out = c.output()
         self.assertIn("metadata committed and unlocked", out)
         self.assertIn("disconnected 2 client connection(s)", out)
-        if not SANITIZED:
-            self.assertLess(took, 2.0, out)
+        self.assert_prompt(took, PROMPT, "SIGTERM to exit, 2 clients attached")
         st = status(self.meta)
         self.assertEqual(st["state"], "stopped")
         # Every acknowledged write is there, flushed or not: the last
