@@ -12,7 +12,7 @@
  *                              (before the fork, so errors reach the
  *                              terminal and nbdkit exits non-zero)
  *   after_fork                 start the commit thread and the hydrator
- *                              (DESIGN.md invariant 6), and the stop
+ *                              (invariant 6 of aclone-design(7)), and the stop
  *                              watcher
  *   cleanup                    stop threads, final commit, unlock
  *
@@ -262,7 +262,8 @@ aclone_config_complete (void)
   "                       starts paused: 'aclone resume META').\n" \
   "hydrate-rate=SIZE      Hydration rate limit in bytes/s (default 0 =\n" \
   "                       unlimited).\n" \
-  "hydrate-batch=SIZE     Largest copy in one request (default 1M).\n" \
+  "hydrate-batch=SIZE     Largest copy in one request (default 1M; at most\n" \
+  "                       the source's maximum request, 32M if none).\n" \
   "hydrate-depth=N        Copies in flight (default 32)."
 
 static void

@@ -164,14 +164,17 @@ read_status (const char *path, const struct aclone_meta *m, struct status *s)
     s->last_error[sizeof s->last_error - 1] = '\0';
     sanitize_text (s->last_error);
   }
-  if (m->hdr.flags & ACLONE_FLAG_COMPLETE) {
+  uint64_t live_state = live_ok ? live_u64 (&l->state) : ACLONE_STATE_HYDRATING;
+  if (s->in_use && live_state == ACLONE_STATE_FAILED)
+    s->state = "failed";        /* even if complete: FLUSH fails */
+  else if (m->hdr.flags & ACLONE_FLAG_COMPLETE) {
     s->state = "complete";
     s->hydrated = m->hdr.regions;
   }
   else if (!s->in_use)
     s->state = "stopped";
   else {
-    switch (live_ok ? live_u64 (&l->state) : ACLONE_STATE_HYDRATING) {
+    switch (live_state) {
     case ACLONE_STATE_PAUSED: s->state = "paused"; break;
     case ACLONE_STATE_ERROR: s->state = "error"; break;
     case ACLONE_STATE_WAITING: s->state = "waiting"; break;
@@ -445,6 +448,12 @@ cmd_wait (int argc, char **argv)
     }
     if (done)
       return EXIT_SUCCESS;
+    if (strcmp (s.state, "failed") == 0) {
+      if (tty)
+        printf ("\n");
+      fprintf (stderr, "aclone: %s: the clone failed: %s\n", path, s.last_error);
+      return EXIT_FAILURE;
+    }
     if (!s.in_use) {
       if (tty)
         printf ("\n");

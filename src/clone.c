@@ -28,6 +28,40 @@
  * region hydrated in core happens only after D holds its data; the
  * commit swaps out those marks, syncs D, then writes them to the
  * metadata file (invariant 1).
+ *
+ * Modes
+ * -----
+ * The clone is in one mode (c->mode, enum aclone_mode):
+ *
+ *   HYDRATING  reads route by the map; copies, commits and the hydrator
+ *              run.
+ *   COMPLETE   every region is on D and committed: every request goes
+ *              to D, the source is released; commits still sync D and
+ *              record written regions (the audit needs them).
+ *   FAILED     a sync of D or of the metadata file failed.  The kernel
+ *              reports a writeback error once and may drop the data, so
+ *              nothing is committed again: FLUSH and FUA fail with EIO,
+ *              the hydrator stops, reads go on without copy-on-read:
+ *              from D for regions committed before the failure or
+ *              written by a client since, from the source for the rest
+ *              (a region copied since the last good commit may have lost
+ *              its pages with the failed sync).  Writes reach D but are
+ *              never acknowledged as durable.  A restart reads every
+ *              region not committed before the error from the source
+ *              again.
+ *
+ * Transitions, each in one function:
+ *   HYDRATING -> COMPLETE   aclone_clone_commit, under commit_lock, once
+ *                           every region is hydrated and committed;
+ *   HYDRATING -> FAILED,    aclone_clone_fail, called by the commit when
+ *   COMPLETE  -> FAILED     a sync or a metadata write fails.
+ * Nothing leaves FAILED.  The server's life (c->run: RUNNING, STOPPING,
+ * STOPPED) is separate: it says whether requests pass the gate, not
+ * what the data allows.
+ *
+ * A failed write to D is not a failed sync: the request that wrote
+ * fails (a copy-on-read still serves the data it read, leaving the
+ * region unhydrated), D stops being known zero, and the clone goes on.
  */
 #include <errno.h>
 #include <stdarg.h>
@@ -43,6 +77,9 @@
 
 /* Largest run one foreground copy locks and buffers. */
 #define COPY_MAX_BYTES (32u << 20)
+
+/* How long copy-on-read pauses after its dest write failed. */
+#define COR_BACKOFF_NS 1000000000ull
 
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 #define MAX(a, b) ((a) > (b) ? (a) : (b))
@@ -98,20 +135,73 @@ aclone_clone_error (struct aclone_clone *c, const char *fmt, ...)
     c->log (c->log_opaque, 2, msg);
 }
 
+void
+aclone_clone_fail (struct aclone_clone *c, const char *fmt, ...)
+{
+  int expect = ACLONE_MODE_HYDRATING;
+  va_list ap;
+
+  /* The cause is written before the mode changes, by the one caller
+   * that wins the exchange; the publish that follows copies it.
+   */
+  pthread_mutex_lock (&c->err_lock);
+  if (aclone_clone_mode (c) == ACLONE_MODE_FAILED) {
+    pthread_mutex_unlock (&c->err_lock);
+    return;
+  }
+  va_start (ap, fmt);
+  vsnprintf (c->fail_cause, sizeof c->fail_cause, fmt, ap);
+  va_end (ap);
+  if (!atomic_compare_exchange_strong (&c->mode, &expect, ACLONE_MODE_FAILED)) {
+    expect = ACLONE_MODE_COMPLETE;
+    atomic_compare_exchange_strong (&c->mode, &expect, ACLONE_MODE_FAILED);
+  }
+  strlcpy (c->last_error, c->fail_cause, sizeof c->last_error);
+  pthread_mutex_unlock (&c->err_lock);
+  atomic_fetch_add (&c->errors, 1);
+  if (c->log) {
+    char msg[512];
+    snprintf (msg, sizeof msg, "failed: %s; nothing more is committed (FLUSH "
+              "fails), hydration stopped; restart to resume from the last "
+              "commit", c->fail_cause);
+    c->log (c->log_opaque, 2, msg);
+  }
+}
+
+struct aclone_source *
+aclone_clone_source_get (struct aclone_clone *c)
+{
+  pthread_rwlock_rdlock (&c->src_lock);
+  if (!c->src) {
+    pthread_rwlock_unlock (&c->src_lock);
+    return NULL;
+  }
+  return c->src;
+}
+
+void
+aclone_clone_source_put (struct aclone_clone *c)
+{
+  pthread_rwlock_unlock (&c->src_lock);
+}
+
 static int
 source_read (struct aclone_clone *c, void *buf, size_t len, uint64_t off)
 {
-  int r = -EIO;
+  struct aclone_source *src = aclone_clone_source_get (c);
+  int r;
 
-  pthread_rwlock_rdlock (&c->src_lock);
-  if (c->src) {
-    r = aclone_source_pread (c->src, buf, len, off);
-    if (r < 0)
-      aclone_clone_error (c, "source %s: read %zu bytes at %llu: %s",
-                          c->src->desc, len, (unsigned long long) off,
-                          strerror (-r));
-  }
-  pthread_rwlock_unlock (&c->src_lock);
+  /* Released: the clone completed since the caller looked at the map,
+   * so every region is on D now (only an unlocked read can see this).
+   */
+  if (!src)
+    return -ESTALE;
+  r = aclone_source_pread (src, buf, len, off);
+  if (r < 0)
+    aclone_clone_error (c, "source %s: read %zu bytes at %llu: %s",
+                        src->desc, len, (unsigned long long) off,
+                        strerror (-r));
+  aclone_clone_source_put (c);
   return r;
 }
 
@@ -124,16 +214,21 @@ aclone_clone_release_source (struct aclone_clone *c)
   pthread_rwlock_unlock (&c->src_lock);
 }
 
-/* A dest write failed: it may have left junk in regions that are not
- * hydrated, so D can no longer be assumed zero there.
- */
-static int
-dest_failed (struct aclone_clone *c, int r, const char *what, uint64_t off)
+int
+aclone_clone_dest_failed (struct aclone_clone *c, int r, const char *what,
+                          uint64_t off)
 {
-  atomic_store (&c->dest_tainted, true);
+  atomic_store (&c->dest_zero, false);
   aclone_clone_error (c, "dest %s: %s at %llu: %s", c->dest->path, what,
                       (unsigned long long) off, strerror (-r));
   return r;
+}
+
+/* Is D known to read zero in every region that is not hydrated? */
+static bool
+dest_reads_zero (struct aclone_clone *c)
+{
+  return atomic_load (&c->dest_zero);
 }
 
 int
@@ -181,17 +276,25 @@ aclone_clone_copy_locked (struct aclone_clone *c, uint64_t first,
       atomic_fetch_add (&c->in_flight, len);
       ret = source_read (c, buf, len, b0);
       if (ret == 0) {
-        ret = aclone_dest_pwrite (c->dest, buf, len, b0);
-        if (ret < 0)
-          dest_failed (c, ret, "write", b0);
-      }
-      atomic_fetch_sub (&c->in_flight, len);
-      if (ret == 0) {
-        aclone_map_set_hydrated (&c->map, r, n);
-        atomic_fetch_add (&c->bytes_copied, len);
-        if (o0 < o1 && buf == bounce)
+        int wr = aclone_dest_pwrite (c->dest, buf, len, b0);
+        if (wr < 0) {
+          /* The data was read: a client gets it all the same, and the
+           * regions stay unhydrated for a later copy.  Only a copy done
+           * for its own sake (out == NULL) fails.
+           */
+          aclone_clone_dest_failed (c, wr, "write", b0);
+          atomic_store (&c->cor_retry_ns, aclone_now_ns () + COR_BACKOFF_NS);
+          if (!out)
+            ret = wr;
+        }
+        else {
+          aclone_map_set_hydrated (&c->map, r, n);
+          atomic_fetch_add (&c->bytes_copied, len);
+        }
+        if (ret == 0 && o0 < o1 && buf == bounce)
           memcpy ((char *) out + (o0 - out_off), bounce + (o0 - b0), o1 - o0);
       }
+      atomic_fetch_sub (&c->in_flight, len);
     }
     r += n;
   }
@@ -209,10 +312,10 @@ aclone_clone_skip_zero_locked (struct aclone_clone *c, uint64_t first,
     uint64_t n = aclone_map_run (&c->map, r, end - r);
     if (!aclone_map_hydrated (&c->map, r)) {
       uint64_t b0 = region_start (c, r), b1 = region_end (c, r + n);
-      if (!c->dest_zero || atomic_load (&c->dest_tainted)) {
+      if (!dest_reads_zero (c)) {
         int ret = aclone_dest_zero (c->dest, b1 - b0, b0, true, false);
         if (ret < 0)
-          return dest_failed (c, ret, "zero", b0);
+          return aclone_clone_dest_failed (c, ret, "zero", b0);
       }
       aclone_map_set_hydrated (&c->map, r, n);
       atomic_fetch_add (&c->bytes_skipped, b1 - b0);
@@ -222,25 +325,68 @@ aclone_clone_skip_zero_locked (struct aclone_clone *c, uint64_t first,
   return 0;
 }
 
+/* In FAILED mode, may region r be read from D?  Only if it was committed
+ * before the failure, or a client wrote it since (the client reads its
+ * own write back, durable or not).  A region copied since the last good
+ * commit is not trusted: the failed sync may have dropped its pages, and
+ * D would then read stale.  Must be called with r's lock held or with r
+ * hydrated in core (both freeze it).
+ */
+static bool
+failed_region_on_dest (struct aclone_clone *c, uint64_t r)
+{
+  return aclone_meta_bit (c->meta, ACLONE_BIT_HYDRATED, r) ||
+         aclone_map_written (&c->map, r);
+}
+
+static int
+failed_pread (struct aclone_clone *c, char *buf, uint32_t count,
+              uint64_t offset)
+{
+  uint64_t pos = offset, end = offset + count;
+  int ret = 0;
+
+  while (pos < end && ret == 0) {
+    uint64_t r = pos >> c->map.shift;
+    uint64_t seg_end = MIN (end, region_end (c, r + 1));
+    if (aclone_map_hydrated (&c->map, r) && failed_region_on_dest (c, r))
+      ret = aclone_dest_pread (c->dest, buf + (pos - offset), seg_end - pos, pos);
+    else
+      ret = source_read (c, buf + (pos - offset), seg_end - pos, pos);
+    pos = seg_end;
+  }
+  return ret;
+}
+
 static int
 clone_pread (struct aclone_clone *c, void *buf, uint32_t count,
              uint64_t offset)
 {
   uint64_t pos = offset, end = offset + count;
+  enum aclone_mode mode = aclone_clone_mode (c);
 
-  if (atomic_load_explicit (&c->complete, memory_order_acquire))
+  if (mode == ACLONE_MODE_COMPLETE)
     return aclone_dest_pread (c->dest, buf, count, offset);
+  if (mode == ACLONE_MODE_FAILED)
+    return failed_pread (c, buf, count, offset);
 
+  /* After a failed dest write, copy-on-read rests for a while. */
+  bool copy = c->copy_on_read &&
+              aclone_now_ns () >= atomic_load (&c->cor_retry_ns);
   int ret = 0;
   atomic_fetch_add (&c->fg_active, 1);
   atomic_store_explicit (&c->fg_last_ns, aclone_now_ns (), memory_order_relaxed);
   while (pos < end && ret == 0) {
     uint64_t r = pos >> c->map.shift;
     uint64_t last = (end - 1) >> c->map.shift;
-    uint64_t n = aclone_map_run (&c->map, r, last - r + 1);
-    bool hydrated = aclone_map_hydrated (&c->map, r);
+    /* State and run from one sample: a run seen hydrated stays so (bits
+     * only go that way); one seen unhydrated is re-checked under the
+     * lock (copy) or read from the source, which holds its data.
+     */
+    bool hydrated;
+    uint64_t n = aclone_map_run_state (&c->map, r, last - r + 1, &hydrated);
 
-    if (!hydrated && c->copy_on_read)
+    if (!hydrated && copy)
       n = MIN (n, copy_max_regions (c));
     uint64_t seg_end = MIN (end, region_end (c, r + n));
     char *p = (char *) buf + (pos - offset);
@@ -252,13 +398,16 @@ clone_pread (struct aclone_clone *c, void *buf, uint32_t count,
                             (unsigned long long) pos, strerror (-ret));
     }
     else {
-      if (c->copy_on_read) {
+      if (copy) {
         aclone_map_lock (&c->map, r, n);
         ret = aclone_clone_copy_locked (c, r, n, p, pos, seg_end - pos);
         aclone_map_unlock (&c->map, r, n);
       }
-      else
+      else {
         ret = source_read (c, p, seg_end - pos, pos);
+        if (ret == -ESTALE)
+          ret = aclone_dest_pread (c->dest, p, seg_end - pos, pos);
+      }
       /* Locality: the hydrator copies what follows a miss next. */
       atomic_store_explicit (&c->hint, r + n + 1, memory_order_relaxed);
     }
@@ -287,7 +436,33 @@ dest_apply (struct aclone_clone *c, const struct wop *w, const char *data,
     if (r == -ENOTSUP)
       return r;                     /* fast zero refused: not an error */
   }
-  return r < 0 ? dest_failed (c, r, w->data ? "write" : "zero", pos) : 0;
+  return r < 0 ? aclone_clone_dest_failed (c, r, w->data ? "write" : "zero", pos) : 0;
+}
+
+/* A client's data is on D in regions [r, r+n), which the caller has
+ * locked: mark them written, then hydrated.  In that order: a commit
+ * swaps out the hydrated bits before the written ones, so any commit
+ * that records one of these regions as hydrated records it as written
+ * too, and verify never takes a client's data for a bad copy.  Returns
+ * how many were newly hydrated.
+ */
+static uint64_t
+mark_written_hydrated (struct aclone_clone *c, uint64_t r, uint64_t n)
+{
+  aclone_map_set_written (&c->map, r, n);
+  return aclone_map_set_hydrated (&c->map, r, n);
+}
+
+/* Does D hold region r's data, for a write that covers only part of it?
+ * In FAILED mode a region copied since the last good commit does not
+ * count (failed_region_on_dest): the rest of it comes from the source.
+ */
+static bool
+region_on_dest (struct aclone_clone *c, uint64_t r)
+{
+  return aclone_map_hydrated (&c->map, r) &&
+         (aclone_clone_mode (c) != ACLONE_MODE_FAILED ||
+          failed_region_on_dest (c, r));
 }
 
 /* Write or zero [pos, pos+len) inside region r, which it does not cover
@@ -300,11 +475,11 @@ apply_partial (struct aclone_clone *c, const struct wop *w, uint64_t r,
   uint64_t b0 = region_start (c, r), b1 = region_end (c, r + 1);
   int ret = 0;
 
-  if (!aclone_map_hydrated (&c->map, r)) {
+  if (!region_on_dest (c, r)) {
     if (w->fast)
       return -ENOTSUP;              /* would need a copy: not fast */
     aclone_map_lock (&c->map, r, 1);
-    if (!aclone_map_hydrated (&c->map, r)) {
+    if (!region_on_dest (c, r)) {
       /* Read-modify-write of the whole region. */
       char *buf = malloc (b1 - b0);
       if (!buf)
@@ -319,17 +494,15 @@ apply_partial (struct aclone_clone *c, const struct wop *w, uint64_t r,
             memset (buf + (pos - b0), 0, len);
           ret = aclone_dest_pwrite (c->dest, buf, b1 - b0, b0);
           if (ret < 0)
-            dest_failed (c, ret, "write", b0);
+            aclone_clone_dest_failed (c, ret, "write", b0);
         }
         atomic_fetch_sub (&c->in_flight, b1 - b0);
         free (buf);
         if (ret == 0) {
-          aclone_map_set_hydrated (&c->map, r, 1);
+          mark_written_hydrated (c, r, 1);
           atomic_fetch_add (&c->bytes_copied, b1 - b0);
         }
       }
-      if (ret == 0)
-        aclone_map_set_written (&c->map, r, 1);
       aclone_map_unlock (&c->map, r, 1);
       return ret;
     }
@@ -356,18 +529,18 @@ apply_whole (struct aclone_clone *c, const struct wop *w, uint64_t r,
     aclone_map_lock (&c->map, r, n);
     bool none_hydrated = !aclone_map_hydrated (&c->map, r) &&
                          aclone_map_run (&c->map, r, n) == n;
-    if (!w->data && none_hydrated && c->dest_zero &&
-        !atomic_load (&c->dest_tainted))
-      ret = 0;                      /* D already reads zero there */
+    /* A trim of regions D already reads zero in needs no I/O; a zero
+     * without may_trim must leave them allocated (NO_HOLE).
+     */
+    if (!w->data && w->punch && none_hydrated && dest_reads_zero (c))
+      ret = 0;
     else
       ret = dest_apply (c, w, data, len, pos);
     if (ret == 0) {
-      uint64_t newly = aclone_map_set_hydrated (&c->map, r, n);
+      uint64_t newly = mark_written_hydrated (c, r, n);
       atomic_fetch_add (&c->bytes_skipped,
                         MIN (newly << c->map.shift, len));
     }
-    if (ret == 0)
-      aclone_map_set_written (&c->map, r, n);
     aclone_map_unlock (&c->map, r, n);
     return ret;
   }
@@ -383,11 +556,22 @@ apply (struct aclone_clone *c, const struct wop *w, uint32_t count,
   uint64_t pos = offset, end = offset + count;
   int ret = 0;
 
+  if (count == 0)
+    return fua ? aclone_clone_commit (c) : 0;
   atomic_fetch_add (&c->fg_active, 1);
   atomic_store_explicit (&c->fg_last_ns, aclone_now_ns (), memory_order_relaxed);
-  if (atomic_load_explicit (&c->complete, memory_order_acquire)) {
-    struct wop plain = *w;
-    ret = dest_apply (c, &plain, w->data, count, offset);
+  /* The metadata file says "written" before D holds the data: see
+   * aclone_meta_written_ahead.
+   */
+  uint64_t r0 = offset >> c->map.shift, r1 = (end - 1) >> c->map.shift;
+  aclone_meta_written_ahead (c->meta, r0, r1 - r0 + 1);
+  if (aclone_clone_mode (c) == ACLONE_MODE_COMPLETE) {
+    /* Every region hydrated: no locks, but the written bits still
+     * count, for the audit.
+     */
+    ret = dest_apply (c, w, w->data, count, offset);
+    if (ret == 0)
+      aclone_map_set_written (&c->map, r0, r1 - r0 + 1);
   }
   else {
     while (pos < end && ret == 0) {
@@ -439,7 +623,7 @@ clone_flush (struct aclone_clone *c)
 static int
 clone_cache (struct aclone_clone *c, uint32_t count, uint64_t offset)
 {
-  if (count == 0 || atomic_load (&c->complete))
+  if (count == 0 || aclone_clone_mode (c) != ACLONE_MODE_HYDRATING)
     return 0;
   uint64_t r = offset >> c->map.shift;
   uint64_t end = ((offset + count - 1) >> c->map.shift) + 1;
@@ -490,12 +674,13 @@ clone_extents (struct aclone_clone *c, uint32_t count, uint64_t offset,
 
   while (pos < end && runs++ < 32 && ret == 0) {
     uint64_t r = pos >> c->map.shift;
-    bool complete = atomic_load (&c->complete);
-    bool hydrated = complete || aclone_map_hydrated (&c->map, r);
+    bool complete = aclone_clone_mode (c) == ACLONE_MODE_COMPLETE;
+    bool hydrated = complete;
     uint64_t seg_end = end;
     if (!complete) {
+      /* State and run from one sample, as in clone_pread. */
       uint64_t last = (end - 1) >> c->map.shift;
-      uint64_t n = aclone_map_run (&c->map, r, last - r + 1);
+      uint64_t n = aclone_map_run_state (&c->map, r, last - r + 1, &hydrated);
       seg_end = MIN (end, region_end (c, r + n));
     }
 
@@ -517,11 +702,12 @@ clone_extents (struct aclone_clone *c, uint32_t count, uint64_t offset,
     }
     else {
       struct src_extents s = { fn, opaque, pos, seg_end, req_one, 0 };
-      pthread_rwlock_rdlock (&c->src_lock);
-      int sr = c->src ? c->src->ops->extents (c->src, pos, seg_end - pos,
-                                              src_extent_cb, &s)
-                      : -ENOTSUP;
-      pthread_rwlock_unlock (&c->src_lock);
+      struct aclone_source *src = aclone_clone_source_get (c);
+      int sr = -ENOTSUP;
+      if (src) {
+        sr = src->ops->extents (src, pos, seg_end - pos, src_extent_cb, &s);
+        aclone_clone_source_put (c);
+      }
       if (s.ret < 0)
         return s.ret;
       if (sr < 0 || s.pos == pos) {  /* no answer: call it data */
@@ -538,24 +724,46 @@ clone_extents (struct aclone_clone *c, uint32_t count, uint64_t offset,
 
 static enum aclone_state current_state (struct aclone_clone *c);
 
+/* Steps 3 and 4 of the commit for one bitmap; 0 or -1 (the clone has
+ * failed).
+ */
+static int
+commit_bitmap (struct aclone_clone *c, int which, const uint64_t *index,
+               const uint64_t *words, size_t n)
+{
+  struct aclone_error err;
+
+  if (n == 0)
+    return 0;
+  if (aclone_meta_commit_bits (c->meta, which, index, words, n, &err) < 0) {
+    aclone_clone_fail (c, "%s", err.msg);
+    return -1;
+  }
+  return 0;
+}
+
 int
 aclone_clone_commit (struct aclone_clone *c)
 {
   struct aclone_error err;
   size_t nh = 0, nw = 0;
-  int r;
+  int r = 0;
 
   pthread_mutex_lock (&c->commit_lock);
-  if (atomic_load (&c->complete)) {
-    r = aclone_dest_sync (c->dest);
-    if (r < 0)
-      aclone_clone_error (c, "dest %s: fdatasync: %s", c->dest->path,
-                          strerror (-r));
+  if (aclone_clone_mode (c) == ACLONE_MODE_FAILED) {
+    r = -EIO;
     goto out;
   }
 
-  /* 1. Swap out what changed since the last commit. */
-  atomic_store (&c->map.dirty, false);
+  /* 1. Swap out what changed since the last commit: hydrated first,
+   * then written (see mark_written_hydrated).  Once complete, only
+   * written bits change.
+   */
+  /* Every region hydrated before the take is in it (set_hydrated sets
+   * the dirty bit before it counts), so this commit completes the clone.
+   */
+  bool all_in = atomic_load (&c->map.nr_hydrated) == c->map.regions;
+  atomic_exchange (&c->map.dirty, false);
   r = aclone_map_take_dirty (&c->map, ACLONE_BIT_HYDRATED, &c->ci, &c->cw,
                              &c->ccap, &nh);
   if (r == 0)
@@ -563,47 +771,50 @@ aclone_clone_commit (struct aclone_clone *c)
                                &c->wcap, &nw);
   if (r < 0) {
     aclone_map_return_dirty (&c->map, ACLONE_BIT_HYDRATED, c->ci, c->cw, nh);
-    nh = 0;
+    atomic_store (&c->map.dirty, true);
     aclone_clone_error (c, "commit: out of memory");
     goto out;
   }
-  /* 2. Make the data of those regions (and every write so far) durable. */
+  /* 2. Make the data of those regions (and every write so far) durable.
+   * A failure here is for good: the kernel may already have dropped the
+   * pages it could not write, and would not report it again.
+   */
   r = aclone_dest_sync (c->dest);
   if (r < 0) {
-    aclone_clone_error (c, "dest %s: fdatasync: %s", c->dest->path,
-                        strerror (-r));
-    goto fail;
+    aclone_clone_fail (c, "dest %s: fdatasync: %s", c->dest->path,
+                       strerror (-r));
+    r = -EIO;
+    goto out;
   }
-  /* 3, 4. Only now may the metadata file say so. */
-  r = aclone_meta_commit_bits (c->meta, ACLONE_BIT_HYDRATED, c->ci, c->cw, nh,
-                               &err);
-  if (r == 0)
-    r = aclone_meta_commit_bits (c->meta, ACLONE_BIT_WRITTEN, c->wi, c->ww, nw,
-                                 &err);
-  if (r < 0) {
-    aclone_clone_error (c, "%s", err.msg);
-    goto fail;
-  }
-  /* Complete only if nothing was hydrated after step 1 (it would be
-   * hydrated in core, not yet in the file).
+  /* 3, 4. Only now may the metadata file say so: written bits before
+   * hydrated ones, each durable before the next is set, so that after
+   * any crash a region recorded as hydrated is recorded as written when
+   * a client wrote it.
    */
-  if (atomic_load (&c->map.nr_hydrated) == c->map.regions &&
-      !atomic_load (&c->map.dirty)) {
-    r = aclone_meta_set_flags (c->meta, c->meta->hdr.flags | ACLONE_FLAG_COMPLETE,
-                               &err);
-    if (r < 0)
-      aclone_clone_error (c, "%s", err.msg);
-    else {
-      atomic_store_explicit (&c->complete, true, memory_order_release);
-      aclone_clone_log (c, 0, "clone complete: %s holds every region of %s",
-              c->dest->path, c->meta->hdr.source);
-    }
+  if (commit_bitmap (c, ACLONE_BIT_WRITTEN, c->wi, c->ww, nw) < 0 ||
+      commit_bitmap (c, ACLONE_BIT_HYDRATED, c->ci, c->cw, nh) < 0) {
+    r = -EIO;
+    goto out;
   }
-  goto out;
+  /* Complete once every region was hydrated before step 1 (and so is in
+   * the file now); written bits changing meanwhile do not matter.
+   */
+  if (aclone_clone_mode (c) == ACLONE_MODE_HYDRATING && all_in) {
+    if (aclone_meta_set_flags (c->meta, c->meta->hdr.flags | ACLONE_FLAG_COMPLETE,
+                               &err) < 0) {
+      aclone_clone_fail (c, "%s", err.msg);
+      r = -EIO;
+      goto out;
+    }
+    int expect = ACLONE_MODE_HYDRATING;
+    atomic_compare_exchange_strong_explicit (&c->mode, &expect,
+                                             ACLONE_MODE_COMPLETE,
+                                             memory_order_release,
+                                             memory_order_relaxed);
+    aclone_clone_log (c, 0, "clone complete: %s holds every region of %s",
+                      c->dest->path, c->meta->hdr.source);
+  }
 
- fail:
-  aclone_map_return_dirty (&c->map, ACLONE_BIT_HYDRATED, c->ci, c->cw, nh);
-  aclone_map_return_dirty (&c->map, ACLONE_BIT_WRITTEN, c->wi, c->ww, nw);
  out:
   /* Keep the live page at least as fresh as the committed bitmap. */
   aclone_clone_publish (c, current_state (c));
@@ -614,17 +825,17 @@ aclone_clone_commit (struct aclone_clone *c)
 /* Request gate ------------------------------------------------------
  *
  * Every client request passes the gate: aclone_clone_shutdown closes it
- * and then waits until no request is inside, so that its final commit
- * covers every request that was answered.  Enter increments first and
- * checks second (both sequentially consistent): shutdown sets the flag
- * first and reads the count second, so one of the two always sees the
- * other.
+ * (run leaves RUNNING) and then waits until no request is inside, so
+ * that its final commit covers every request that was answered.  Enter
+ * increments first and checks second (both sequentially consistent):
+ * shutdown sets run first and reads the count second, so one of the two
+ * always sees the other.
  */
 static bool
 gate_enter (struct aclone_clone *c)
 {
   atomic_fetch_add (&c->requests, 1);
-  if (atomic_load (&c->gate_closed)) {
+  if (atomic_load (&c->run) != ACLONE_RUN_RUNNING) {
     atomic_fetch_sub (&c->requests, 1);
     return false;
   }
@@ -699,19 +910,31 @@ aclone_clone_publish (struct aclone_clone *c, enum aclone_state state)
   LIVE_STORE (errors, atomic_load (&c->errors));
   LIVE_STORE (rate, atomic_load (&c->rate));
   pthread_mutex_lock (&c->err_lock);
-  if (strncmp (live->last_error, c->last_error, sizeof live->last_error) != 0)
-    strlcpy (live->last_error, c->last_error, sizeof live->last_error);
+  /* Once failed, the cause stays in view whatever comes after it. */
+  const char *msg = aclone_clone_mode (c) == ACLONE_MODE_FAILED ? c->fail_cause
+                                                               : c->last_error;
+  if (strncmp (live->last_error, msg, sizeof live->last_error) != 0)
+    strlcpy (live->last_error, msg, sizeof live->last_error);
   pthread_mutex_unlock (&c->err_lock);
 }
 
 static enum aclone_state
 current_state (struct aclone_clone *c)
 {
-  if (atomic_load (&c->complete))
-    return ACLONE_STATE_COMPLETE;
-  if (c->src && atomic_load (&c->src->outage_since_ns))
+  switch (aclone_clone_mode (c)) {
+  case ACLONE_MODE_COMPLETE: return ACLONE_STATE_COMPLETE;
+  case ACLONE_MODE_FAILED:   return ACLONE_STATE_FAILED;
+  case ACLONE_MODE_HYDRATING: break;
+  }
+  struct aclone_source *src = aclone_clone_source_get (c);
+  bool outage = false;
+  if (src) {
+    outage = atomic_load (&src->outage_since_ns) != 0;
+    aclone_clone_source_put (c);
+  }
+  if (outage)
     return ACLONE_STATE_WAITING;
-  if (atomic_load (&c->failing))
+  if (atomic_load (&c->backing_off))
     return ACLONE_STATE_ERROR;
   if (__atomic_load_n (&c->meta->live->ctl_pause, __ATOMIC_RELAXED))
     return ACLONE_STATE_PAUSED;
@@ -724,15 +947,16 @@ ticker (void *arg)
   struct aclone_clone *c = arg;
 
   pthread_mutex_lock (&c->tick_lock);
-  while (!c->stopping) {
+  while (atomic_load (&c->run) == ACLONE_RUN_RUNNING) {
     struct timespec ts;
     clock_gettime (CLOCK_REALTIME, &ts);
     ts.tv_sec += 1;
     pthread_cond_timedwait (&c->tick_cond, &c->tick_lock, &ts);
-    if (c->stopping)
+    if (atomic_load (&c->run) != ACLONE_RUN_RUNNING)
       break;
     pthread_mutex_unlock (&c->tick_lock);
-    if (atomic_load (&c->map.dirty))
+    if (atomic_load (&c->map.dirty) &&
+        aclone_clone_mode (c) != ACLONE_MODE_FAILED)
       aclone_clone_commit (c);     /* errors are recorded inside */
     aclone_clone_publish (c, current_state (c));
     pthread_mutex_lock (&c->tick_lock);
@@ -881,8 +1105,10 @@ aclone_clone_open (const struct aclone_clone_config *cfg,
     free (hb);
     free (wb);
   }
-  atomic_store (&c->complete, (meta->hdr.flags & ACLONE_FLAG_COMPLETE) != 0);
-  c->dest_zero = dest->created || (meta->hdr.flags & ACLONE_FLAG_DEST_ZERO);
+  atomic_store (&c->mode, (meta->hdr.flags & ACLONE_FLAG_COMPLETE)
+                         ? ACLONE_MODE_COMPLETE : ACLONE_MODE_HYDRATING);
+  atomic_store (&c->dest_zero,
+                dest->created || (meta->hdr.flags & ACLONE_FLAG_DEST_ZERO));
   if (meta->live->magic == ACLONE_LIVE_MAGIC) {
     atomic_store (&c->bytes_copied, meta->live->bytes_copied);
     atomic_store (&c->bytes_skipped, meta->live->bytes_skipped);
@@ -896,7 +1122,7 @@ aclone_clone_open (const struct aclone_clone_config *cfg,
     if (r < 0)
       goto fail_c;
   }
-  if (atomic_load (&c->complete) && src) {
+  if (aclone_clone_mode (c) == ACLONE_MODE_COMPLETE && src) {
     aclone_source_close (src);     /* not needed any more */
     src = NULL;
   }
@@ -918,24 +1144,25 @@ aclone_clone_open (const struct aclone_clone_config *cfg,
 void
 aclone_clone_cancel_source (struct aclone_clone *c)
 {
-  pthread_rwlock_rdlock (&c->src_lock);
-  if (c->src)
-    atomic_store (&c->src->cancelled, true);
-  pthread_rwlock_unlock (&c->src_lock);
+  struct aclone_source *src = aclone_clone_source_get (c);
+
+  if (src) {
+    atomic_store (&src->cancelled, true);
+    aclone_clone_source_put (c);
+  }
 }
 
 int
 aclone_clone_shutdown (struct aclone_clone *c, unsigned drain_ms)
 {
   struct aclone_error err;
-  int ret = 0;
+  int ret = 0, running = ACLONE_RUN_RUNNING;
 
-  if (c->shut)
+  /* 1. Close the gate (once); requests waiting for a lost source give
+   * up.
+   */
+  if (!atomic_compare_exchange_strong (&c->run, &running, ACLONE_RUN_STOPPING))
     return 0;
-  c->shut = true;
-
-  /* 1. Close the gate; requests waiting for a lost source give up. */
-  atomic_store (&c->gate_closed, true);
   aclone_clone_cancel_source (c);
 
   /* 2. Let the requests inside finish. */
@@ -949,27 +1176,32 @@ aclone_clone_shutdown (struct aclone_clone *c, unsigned drain_ms)
   /* 3. Stop the ticker and commit for the last time. */
   if (c->ticker_running) {
     pthread_mutex_lock (&c->tick_lock);
-    c->stopping = true;
     pthread_cond_signal (&c->tick_cond);
     pthread_mutex_unlock (&c->tick_lock);
     pthread_join (c->ticker, NULL);
     c->ticker_running = false;
   }
   int r = aclone_clone_commit (c);
-  if (r == 0 && c->dest_zero && !atomic_load (&c->dest_tainted) &&
-      !atomic_load (&c->complete)) {
+  /* The dest-zero promise goes back into the header only when no
+   * request is left that could still write into an unhydrated region.
+   */
+  if (r == 0 && drained && dest_reads_zero (c) && !c->hydrator &&
+      aclone_clone_mode (c) == ACLONE_MODE_HYDRATING) {
     if (aclone_meta_set_flags (c->meta, c->meta->hdr.flags | ACLONE_FLAG_DEST_ZERO,
                                &err) < 0)
       aclone_clone_error (c, "%s", err.msg);
   }
-  aclone_clone_publish (c, ACLONE_STATE_STOPPED);
+  aclone_clone_publish (c, aclone_clone_mode (c) == ACLONE_MODE_FAILED
+                           ? ACLONE_STATE_FAILED : ACLONE_STATE_STOPPED);
   __atomic_store_n (&c->meta->live->pid, 0, __ATOMIC_RELAXED);
+  atomic_store (&c->run, ACLONE_RUN_STOPPED);
 
   /* 4. Release the lock, so that a new server may start at once, but
    * only when no request can still write: one stuck inside keeps it
-   * until the process exits.
+   * until the process exits.  A failed clone commits nothing more, so
+   * its lock goes too.
    */
-  if (drained && r == 0)
+  if (drained && (r == 0 || aclone_clone_mode (c) == ACLONE_MODE_FAILED))
     aclone_meta_unlock (c->meta);
   else {
     aclone_clone_log (c, 1, "%s: a request is still in progress; the lock "

@@ -221,10 +221,9 @@ aclone_dest_zero (struct aclone_dest *d, uint64_t count, uint64_t offset,
     return 0;
   if (!not_supported (errno))
     return -errno;
-  if (!d->is_block &&
-      fallocate (d->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                 offset, count) == 0)
-    return 0;                       /* a hole in a file reads zero too */
+  /* No hole unless punch: a client that asked for allocated zeroes
+   * (NBD_CMD_FLAG_NO_HOLE) gets them, written if need be.
+   */
   if (d->is_block) {
     uint64_t range[2] = { offset, count };
     if (ioctl (d->fd, BLKZEROOUT, range) == 0)

@@ -73,6 +73,10 @@ struct batch {
   uint64_t first, n;          /* regions copied */
   uint64_t lock_n;            /* regions locked (>= n) */
   uint64_t off, len, done;    /* bytes; done = written so far */
+  uint64_t roff, rlen;        /* source read: [off, off+len) made whole
+                               * min_block blocks; buf holds it */
+  unsigned pending;           /* its nbd_aio_pread pieces not yet back */
+  bool issuing;               /* issue_read is still sending pieces */
   int conn;
   int error;                  /* errno of the read */
   unsigned *read_done;        /* the hydrator's B_READ_DONE count */
@@ -123,6 +127,9 @@ struct worker {
   unsigned nconns, next_conn;
   struct batch *batches;
   unsigned nbatches, inflight;
+  uint64_t max_request;       /* the source's limits: longest read */
+  uint64_t min_block;         /* ...and its alignment */
+  size_t buf_len;             /* a batch's buffer */
   unsigned read_done;         /* batches in B_READ_DONE */
   unsigned long long stall_ns;     /* source-timeout; 0: no stall checks */
   unsigned long long stall_check_at;
@@ -142,6 +149,16 @@ enum { TAG_POLL = 1, TAG_WRITE = 2, TAG_CANCEL = 3, TAG_WRITEBACK = 4 };
 #define TAG_KIND(t) ((unsigned) ((t) >> 56))
 #define TAG_GEN(t)  ((unsigned) (((t) >> 24) & 0xffffffff))
 #define TAG_IDX(t)  ((unsigned) ((t) & 0xffffff))
+
+/* Stop copying: asked to, or the clone failed (nothing it copied could
+ * ever be committed).
+ */
+static bool
+stopping (struct worker *h)
+{
+  return atomic_load (&h->hy->stop) ||
+         aclone_clone_mode (h->c) == ACLONE_MODE_FAILED;
+}
 
 static void
 nap (unsigned long long ns)
@@ -224,14 +241,14 @@ failed (struct worker *h)
   h->backoff_ns = h->backoff_ns ? MIN (h->backoff_ns * 2, BACKOFF_MAX_NS)
                                 : BACKOFF_MIN_NS;
   h->resume_at = aclone_now_ns () + h->backoff_ns;
-  atomic_store (&h->c->failing, true);
+  atomic_store (&h->c->backing_off, true);
 }
 
 static void
 succeeded (struct worker *h)
 {
   h->backoff_ns = 0;
-  atomic_store (&h->c->failing, false);
+  atomic_store (&h->c->backing_off, false);
 }
 
 /* Update the copy rate the live page shows, about once a second. */
@@ -273,7 +290,7 @@ skip_zero_bytes (struct worker *h, uint64_t start, uint64_t end)
   uint64_t r = (start + c->region_size - 1) >> shift;
   uint64_t last = end >= c->size ? c->map.regions : end >> shift;
 
-  while (r < last && !atomic_load (&h->hy->stop)) {
+  while (r < last && !stopping (h)) {
     r = aclone_map_next_unhydrated (&c->map, r);
     if (r >= last)
       break;
@@ -302,7 +319,7 @@ zscan_cb (void *opaque, uint64_t off, uint64_t len, bool zero)
       z->zend = off + len;
   }
   z->pos = off + len;
-  return atomic_load (&z->h->hy->stop);
+  return stopping (z->h);
 }
 
 static void
@@ -311,22 +328,23 @@ zero_scan (struct worker *h)
   struct aclone_clone *c = h->c;
   struct zscan z = { .h = h };
 
-  while (z.pos < c->size && !atomic_load (&h->hy->stop)) {
-    while (paused (h) && !atomic_load (&h->hy->stop))
+  while (z.pos < c->size && !stopping (h)) {
+    while (paused (h) && !stopping (h))
       nap (50000000);
-    if (atomic_load (&h->hy->stop))
+    if (stopping (h))
       return;
     uint64_t start = z.pos;
-    pthread_rwlock_rdlock (&c->src_lock);
-    int r = c->src ? c->src->ops->extents (c->src, start, c->size - start,
-                                           zscan_cb, &z)
-                   : -ENOTSUP;
-    pthread_rwlock_unlock (&c->src_lock);
+    struct aclone_source *src = aclone_clone_source_get (c);
+    int r = -ENOTSUP;
+    if (src) {
+      r = src->ops->extents (src, start, c->size - start, zscan_cb, &z);
+      aclone_clone_source_put (c);
+    }
     if (r == -ENOTSUP)
       return;                        /* no block status: copy everything */
     if (r < 0 || z.pos <= start) {
       aclone_clone_error (c, "source %s: block status at %llu failed, "
-                          "copying instead", c->src ? c->src->desc : "",
+                          "copying instead", c->meta->hdr.source,
                           (unsigned long long) start);
       return;
     }
@@ -431,7 +449,7 @@ run_plain (struct worker *h)
 {
   struct batch b = { 0 };
 
-  while (!atomic_load (&h->hy->stop) && !all_hydrated (h)) {
+  while (!stopping (h) && !all_hydrated (h)) {
     measure (h);
     if (!may_start (h, 0) || !pick (h, &b)) {
       nap (10000000);
@@ -460,16 +478,22 @@ get_sqe (struct worker *h)
   return sqe;
 }
 
-/* libnbd completion: runs inside nbd_aio_notify_*, on this thread. */
+/* libnbd completion of one piece of a batch's read: runs inside
+ * nbd_aio_notify_* (or nbd_aio_pread), on this thread.  The batch is
+ * read when its last piece is back.
+ */
 static int
 read_done (void *opaque, int *error)
 {
   struct batch *b = opaque;
 
   if (b->state == B_READING) {
-    b->error = *error;
-    b->state = B_READ_DONE;
-    (*b->read_done)++;
+    if (*error && !b->error)
+      b->error = *error;
+    if (--b->pending == 0 && !b->issuing) {
+      b->state = B_READ_DONE;
+      (*b->read_done)++;
+    }
   }
   return 1;                            /* retire the command */
 }
@@ -535,31 +559,40 @@ conns_refill (struct worker *h)
     struct conn *k = &h->conns[i];
     if (k->h || now < k->retry_at)
       continue;
-    pthread_rwlock_rdlock (&c->src_lock);
-    k->h = c->src ? c->src->ops->aio_connect (c->src) : NULL;
-    pthread_rwlock_unlock (&c->src_lock);
+    struct aclone_source *src = aclone_clone_source_get (c);
+    if (!src)
+      return;                          /* released: nothing left to copy */
+    k->h = src->ops->aio_connect (src);
+    if (k->h)
+      atomic_store (&src->outage_since_ns, 0);
+    else
+      aclone_source_note_outage (src);   /* status shows "waiting" */
+    aclone_clone_source_put (c);
     if (!k->h) {
-      /* Unreachable: an outage, which status shows as "waiting". */
-      pthread_rwlock_rdlock (&c->src_lock);
-      if (c->src)
-        aclone_source_note_outage (c->src);
-      pthread_rwlock_unlock (&c->src_lock);
       failed (h);
       k->retry_at = now + h->backoff_ns;
       continue;
     }
-    pthread_rwlock_rdlock (&c->src_lock);
-    if (c->src)
-      atomic_store (&c->src->outage_since_ns, 0);
-    pthread_rwlock_unlock (&c->src_lock);
     aclone_clone_log (c, 0, "hydrator: source connection %u open", i);
   }
 }
 
-/* Start a batch's source read on some live connection. */
+/* Start a batch's source read on some live connection: [off, off+len)
+ * widened to whole min_block blocks, in pieces of at most max_request
+ * bytes (a region may be larger than the source takes at once), all on
+ * that connection.  A short last block of the source is a piece of its
+ * own.
+ */
 static bool
 issue_read (struct worker *h, struct batch *b)
 {
+  uint64_t a = h->min_block, size = h->c->size;
+  uint64_t end = b->off + b->len, whole = size - size % a;
+
+  b->roff = b->off - b->off % a;
+  if (end % a)
+    end = MIN (end + (a - end % a), size);
+  b->rlen = end - b->roff;
   for (unsigned t = 0; t < h->nconns; t++) {
     unsigned i = (h->next_conn + t) % h->nconns;
     struct conn *k = &h->conns[i];
@@ -567,16 +600,51 @@ issue_read (struct worker *h, struct batch *b)
       continue;
     h->next_conn = i + 1;
     nbd_completion_callback cb = { .callback = read_done, .user_data = b };
+    uint64_t pos = b->roff;
+    int err = 0;
     b->state = B_READING;
     b->conn = i;
-    if (nbd_aio_pread (k->h, b->buf, b->len, b->off, cb, 0) < 0) {
+    b->error = 0;
+    b->pending = 0;
+    b->issuing = true;
+    while (pos < end) {
+      uint64_t n = MIN (end - pos, h->max_request);
+      if (pos < whole && pos + n > whole)
+        n = whole - pos;
+      b->pending++;
+      if (nbd_aio_pread (k->h, b->buf + (pos - b->roff), n, pos, cb, 0) < 0) {
+        b->pending--;
+        err = nbd_get_errno () ? nbd_get_errno () : EIO;
+        break;
+      }
+      pos += n;
+    }
+    b->issuing = false;
+    bool dead = nbd_aio_is_dead (k->h) || nbd_aio_is_closed (k->h);
+    if (pos == b->roff && dead) {      /* nothing sent: another one */
       b->state = B_FREE;
-      if (nbd_aio_is_dead (k->h) || nbd_aio_is_closed (k->h))
-        conn_close (h, i);
+      conn_close (h, i);
       continue;
     }
-    if (k->busy++ == 0)
+    if (pos == b->roff)
+      /* libnbd refused it on a live connection (EINVAL, ENOMEM...): the
+       * request's fault, which another connection would refuse too.  The
+       * batch fails below, counted and backed off, not retried unseen.
+       */
+      b->conn = -1;
+    else if (k->busy++ == 0)
       k->progress_ns = aclone_now_ns ();
+    if (err) {
+      /* Some pieces are out: the batch fails once they are back. */
+      if (!b->error)
+        b->error = err;
+      if (dead)
+        conn_close (h, i);             /* fails it now */
+    }
+    if (b->state == B_READING && b->pending == 0) {
+      b->state = B_READ_DONE;          /* every piece already back */
+      h->read_done++;
+    }
     return true;
   }
   return false;
@@ -611,8 +679,8 @@ issue_write (struct worker *h, unsigned idx)
     batch_release (h, b, false);
     return;
   }
-  io_uring_prep_write (sqe, h->c->dest->fd, b->buf + b->done, b->len - b->done,
-                       b->off + b->done);
+  io_uring_prep_write (sqe, h->c->dest->fd, b->buf + (b->off - b->roff) + b->done,
+                       b->len - b->done, b->off + b->done);
   io_uring_sqe_set_data64 (sqe, TAG (TAG_WRITE, 0, idx));
   /* A buffered write would otherwise run inline in io_uring_enter, on
    * this thread, serialising the page-cache copy with our socket reads;
@@ -637,7 +705,7 @@ reads_finished (struct worker *h)
     }
     if (b->error) {
       aclone_clone_error (h->c, "hydrator: source %s: read %llu bytes at %llu: %s",
-                          h->c->src ? h->c->src->desc : "",
+                          h->c->meta->hdr.source,
                           (unsigned long long) b->len,
                           (unsigned long long) b->off, strerror (b->error));
       batch_release (h, b, false);
@@ -707,22 +775,15 @@ handle_cqe (struct worker *h, struct io_uring_cqe *cqe)
   }
   case TAG_WRITE: {
     struct batch *b = &h->batches[idx];
-    if (cqe->res < 0) {
-      atomic_store (&h->c->dest_tainted, true);
-      aclone_clone_error (h->c, "hydrator: dest %s: write at %llu: %s",
-                          h->c->dest->path, (unsigned long long) (b->off + b->done),
-                          strerror (-cqe->res));
+    if (cqe->res <= 0) {
+      /* A full dest answers 0 bytes written, or ENOSPC. */
+      aclone_clone_dest_failed (h->c, cqe->res < 0 ? cqe->res : -ENOSPC,
+                                "hydrator write", b->off + b->done);
       batch_release (h, b, false);
     }
     else {
       b->done += cqe->res;
-      if (cqe->res == 0) {
-        atomic_store (&h->c->dest_tainted, true);
-        aclone_clone_error (h->c, "hydrator: dest %s: short write at %llu",
-                            h->c->dest->path, (unsigned long long) (b->off + b->done));
-        batch_release (h, b, false);
-      }
-      else if (b->done < b->len)
+      if (b->done < b->len)
         issue_write (h, idx);          /* short write: the rest */
       else {
         start_writeback (h, b);
@@ -774,13 +835,13 @@ check_stalls (struct worker *h)
     struct conn *k = &h->conns[i];
     if (!k->h || k->busy == 0 || now - k->progress_ns < h->stall_ns)
       continue;
-    pthread_rwlock_rdlock (&c->src_lock);
-    if (c->src) {
+    struct aclone_source *src = aclone_clone_source_get (c);
+    if (src) {
       aclone_clone_error (c, "hydrator: source %s: no reply for %llu s, "
-                          "reconnecting", c->src->desc, h->stall_ns / 1000000000ull);
-      aclone_source_note_outage (c->src);
+                          "reconnecting", src->desc, h->stall_ns / 1000000000ull);
+      aclone_source_note_outage (src);
+      aclone_clone_source_put (c);
     }
-    pthread_rwlock_unlock (&c->src_lock);
     failed (h);
     conn_close (h, i);
   }
@@ -791,7 +852,7 @@ run_ring (struct worker *h)
 {
   unsigned long long loops = 0, timeouts = 0, cqes = 0;
 
-  while (!atomic_load (&h->hy->stop)) {
+  while (!stopping (h)) {
     loops++;
     if (all_hydrated (h) && h->inflight == 0)
       break;
@@ -804,7 +865,7 @@ run_ring (struct worker *h)
     while (any_conn (h) && may_start (h, h->inflight) &&
            (b = free_batch (h)) != NULL) {
       if (!b->buf) {
-        b->buf = malloc (h->cfg.batch);
+        b->buf = malloc (h->buf_len);
         if (!b->buf)
           break;
       }
@@ -870,8 +931,18 @@ run_ring (struct worker *h)
   while (h->inflight > 0) {
     struct io_uring_cqe *cqe;
     io_uring_submit (&h->ring);
-    if (io_uring_wait_cqe (&h->ring, &cqe) < 0)
+    int r = io_uring_wait_cqe (&h->ring, &cqe);
+    if (r == -EINTR || r == -EAGAIN)
+      continue;
+    if (r < 0) {
+      /* The kernel may still read the buffers of writes in flight
+       * (hydrator_free leaves them be), and they may still land in
+       * regions that are not hydrated: D is not known zero any more.
+       */
+      aclone_clone_dest_failed (h->c, r, "hydrator: io_uring wait at stop",
+                                0);
       break;
+    }
     handle_cqe (h, cqe);
     io_uring_cqe_seen (&h->ring, cqe);
     reads_finished (h);
@@ -888,14 +959,18 @@ finish (struct worker *h)
   /* A commit marks the clone complete once every bit is in the file;
    * a region hydrated during one commit needs the next.
    */
-  while (!atomic_load (&c->complete) && !atomic_load (&h->hy->stop)) {
-    if (aclone_clone_commit (c) < 0)
-      nap (1000000000);
+  while (aclone_clone_mode (c) == ACLONE_MODE_HYDRATING &&
+         !atomic_load (&h->hy->stop)) {
+    int r = aclone_clone_commit (c);
+    if (aclone_clone_mode (c) == ACLONE_MODE_HYDRATING)
+      nap (r < 0 ? 1000000000 : 10000000);
   }
-  if (atomic_load (&c->complete)) {
+  if (aclone_clone_mode (c) == ACLONE_MODE_COMPLETE) {
     aclone_clone_release_source (c);
     atomic_store (&c->rate, 0);
-    aclone_clone_publish (c, ACLONE_STATE_COMPLETE);
+    /* (A failure right now shows at the ticker's next publish.) */
+    if (aclone_clone_mode (c) == ACLONE_MODE_COMPLETE)
+      aclone_clone_publish (c, ACLONE_STATE_COMPLETE);
     aclone_clone_log (c, 1, "hydration complete: %s holds every region of "
                       "%s (%llu bytes copied, %llu skipped); source released",
                       c->dest->path, c->meta->hdr.source,
@@ -925,7 +1000,7 @@ worker_main (void *arg)
     zero_scan (h);
     atomic_store (&h->hy->scanned, true);
   }
-  while (!atomic_load (&h->hy->scanned) && !atomic_load (&h->hy->stop))
+  while (!atomic_load (&h->hy->scanned) && !stopping (h))
     nap (5000000);
   t1 = aclone_now_ns ();
   aclone_clone_log (h->c, 0, "hydrator %u: zero scan took %.3f s", h->id,
@@ -937,7 +1012,7 @@ worker_main (void *arg)
   t2 = aclone_now_ns ();
   aclone_clone_log (h->c, 0, "hydrator %u: copy sweep took %.3f s", h->id,
                     (t2 - t1) / 1e9);
-  if (!atomic_load (&h->hy->stop) && all_hydrated (h) &&
+  if (!stopping (h) && all_hydrated (h) &&
       !atomic_exchange (&h->hy->finishing, true)) {
     finish (h);
     aclone_clone_log (h->c, 0, "hydrator: final commit took %.3f s",
@@ -959,20 +1034,36 @@ worker_init (struct aclone_hydrator *hy, unsigned k, struct aclone_clone *c,
   h->id = k;
   h->cfg = *cfg;
   h->cfg.depth = MAX (1u, MIN (cfg->depth, ACLONE_HYDRATOR_MAX_DEPTH));
-  h->cfg.batch = MAX ((uint64_t) c->region_size, cfg->batch);
-  h->batch_regions = h->cfg.batch >> c->map.shift;
   h->lo = c->map.regions * k / hy->n;
   h->hi = c->map.regions * (k + 1) / hy->n;
   h->cursor = h->lo;
 
-  if (!c->src || !c->src->ops->aio_connect)
+  struct aclone_source *src = aclone_clone_source_get (c);
+  bool nbd = src && src->ops->aio_connect;
+  h->max_request = ACLONE_SOURCE_MAX_REQUEST;
+  h->min_block = 1;
+  if (src) {
+    h->stall_ns = src->timeout_s * 1000000000ull;
+    h->max_request = aclone_source_max_request (src);
+    h->min_block = aclone_source_min_block (src);
+    aclone_clone_source_put (c);
+  }
+  /* A batch is at most what the source takes in one request, in whole
+   * regions, but at least one region (whose read issue_read then splits).
+   */
+  h->cfg.batch = MAX ((uint64_t) c->region_size,
+                      MIN (cfg->batch, h->max_request) & ~((uint64_t) c->region_size - 1));
+  h->batch_regions = h->cfg.batch >> c->map.shift;
+  /* Room for the read widened to whole min_block blocks. */
+  h->buf_len = (h->batch_regions << c->map.shift) +
+               (h->min_block > c->region_size ? 2 * h->min_block : 0);
+  if (!nbd)
     return 0;                          /* the plain engine */
-  h->stall_ns = c->src->timeout_s * 1000000000ull;
   h->nconns = conns;
-  h->nbatches = ACLONE_HYDRATOR_MAX_DEPTH;
-  h->batches = calloc (h->nbatches, sizeof *h->batches);
+  h->batches = calloc (ACLONE_HYDRATOR_MAX_DEPTH, sizeof *h->batches);
   if (!h->batches)
     return -ENOMEM;
+  h->nbatches = ACLONE_HYDRATOR_MAX_DEPTH;
   for (unsigned i = 0; i < h->nbatches; i++)
     h->batches[i].read_done = &h->read_done;
   r = io_uring_queue_init (2 * h->nbatches + 2 * h->nconns, &h->ring, 0);
@@ -990,6 +1081,11 @@ hydrator_free (struct aclone_hydrator *hy)
 {
   for (unsigned k = 0; k < hy->n; k++) {
     struct worker *h = &hy->w[k];
+    bool in_flight = false;
+    for (unsigned i = 0; i < h->nbatches; i++)
+      in_flight |= h->batches[i].state != B_FREE;
+    if (in_flight)
+      continue;      /* leak ring and buffers rather than free them under I/O */
     if (h->ring_ok)
       io_uring_queue_exit (&h->ring);
     for (unsigned i = 0; i < h->nbatches; i++)
@@ -1009,15 +1105,19 @@ aclone_hydrator_start (struct aclone_clone *c,
   unsigned n, conns;
   int r;
 
-  if (atomic_load (&c->complete) || c->hydrator)
+  if (aclone_clone_mode (c) != ACLONE_MODE_HYDRATING || c->hydrator)
     return 0;
 
   /* One worker per core, up to 4 and no more than connections: a single
    * event loop spends its core on socket copies while the others idle.
    */
   conns = MAX (1u, MIN (cfg->connections, MAX_CONNS));
-  if (c->src && !c->src->multi_conn)
-    conns = 1;
+  struct aclone_source *src = aclone_clone_source_get (c);
+  if (src) {
+    if (!src->multi_conn)
+      conns = 1;
+    aclone_clone_source_put (c);
+  }
   long cpus = sysconf (_SC_NPROCESSORS_ONLN);
   n = MAX (1u, MIN (MIN ((unsigned) (cpus > 0 ? cpus : 1), 4u), conns));
   if (cfg->workers)

@@ -62,7 +62,17 @@ aclone_map_free (struct aclone_map *m)
 uint64_t
 aclone_map_run (const struct aclone_map *m, uint64_t r, uint64_t max)
 {
+  return aclone_map_run_state (m, r, max, NULL);
+}
+
+uint64_t
+aclone_map_run_state (const struct aclone_map *m, uint64_t r, uint64_t max,
+                      bool *hydrated)
+{
   bool state = aclone_map_hydrated (m, r);
+
+  if (hydrated)
+    *hydrated = state;
   uint64_t end = r + max > m->regions ? m->regions : r + max;
   uint64_t i = r + 1;
 

@@ -10,9 +10,23 @@
  *
  * The header is rewritten only for flag changes (complete, dest-zero),
  * as a whole page followed by msync; the checksum catches a torn write.
- * Bits in the bitmaps are only ever set, never cleared, and only by
- * aclone_meta_commit_bits after the caller made the data durable
- * (DESIGN.md invariant 1).
+ * The new page is encoded aside and copied into the shared mapping with
+ * one memcpy, so a reader (aclone status, a second server) never sees a
+ * zeroed page; it may still see a mix of the old and new bytes, which
+ * only the checksum notices, so aclone_meta_open reads the header again
+ * a few times while a server holds the file.
+ * Bits in the bitmaps are only ever set, never cleared.  Hydrated bits
+ * are set only by aclone_meta_commit_bits after the caller made the data
+ * durable (invariant 1 of aclone-design(7)); written bits also ahead of a client's
+ * write (aclone_meta_written_ahead), since one too many only keeps a
+ * region out of the audit.
+ *
+ * The server's lock is an OFD write lock (fcntl F_OFD_SETLK) on the
+ * whole file, not flock: like flock it belongs to the open file
+ * description (it survives nbdkit's fork and is released by the last
+ * close), and unlike flock it can be tested without taking anything
+ * (F_OFD_GETLK), so the CLI's probe can never make a server that starts
+ * at that instant fail.
  */
 #include <endian.h>
 #include <errno.h>
@@ -21,7 +35,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/stat.h>
@@ -85,6 +98,40 @@ header_encode (const struct aclone_meta_header *h, void *page)
   le.checksum = htole32 (aclone_crc32c (&le, sizeof le));
   memset (page, 0, ACLONE_PAGE);
   memcpy (page, &le, sizeof le);
+}
+
+/* fcntl OFD lock operation on the whole file (l_pid must be 0 for OFD
+ * commands).
+ */
+static int
+ofd_lock (int fd, int cmd, short type)
+{
+  struct flock fl = { .l_type = type, .l_whence = SEEK_SET, .l_start = 0,
+                      .l_len = 0, .l_pid = 0 };
+  return fcntl (fd, cmd, &fl);
+}
+
+/* Take the server's exclusive lock; -1 with errno EAGAIN or EACCES if
+ * another open file description holds it.
+ */
+static int
+lock_exclusive (int fd)
+{
+  return ofd_lock (fd, F_OFD_SETLK, F_WRLCK);
+}
+
+/* Does another open file description hold a lock on fd's file?  Takes
+ * nothing: a server locking at the same instant is not disturbed.
+ * 1 yes, 0 no, -1 (errno) if it cannot tell.
+ */
+static int
+lock_held_elsewhere (int fd)
+{
+  struct flock fl = { .l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0,
+                      .l_len = 0, .l_pid = 0 };
+  if (fcntl (fd, F_OFD_GETLK, &fl) < 0)
+    return -1;
+  return fl.l_type != F_UNLCK;
 }
 
 int
@@ -260,7 +307,7 @@ aclone_meta_create (const char *path, uint64_t size, uint32_t region_size,
     r = aclone_error_set (err, errno, "%s: fsync", path);
     goto fail;
   }
-  if (flock (m->fd, LOCK_EX | LOCK_NB) < 0) {
+  if (lock_exclusive (m->fd) < 0) {
     r = aclone_error_set (err, errno, "%s: lock", path);
     goto fail;
   }
@@ -303,6 +350,11 @@ aclone_meta_create (const char *path, uint64_t size, uint32_t region_size,
   return r;
 }
 
+/* How often aclone_meta_open reads a header that fails validation while
+ * a server holds the file (1 ms apart).
+ */
+#define HEADER_READ_ATTEMPTS 10
+
 int
 aclone_meta_open (const char *path, enum aclone_meta_mode mode,
                   struct aclone_meta **out, struct aclone_error *err)
@@ -330,18 +382,30 @@ aclone_meta_open (const char *path, enum aclone_meta_mode mode,
     r = aclone_error_set (err, 0, "%s: not a regular file", path);
     goto fail;
   }
-  memset (page, 0, sizeof page);
-  n = pread (m->fd, page, sizeof page, 0);
-  if (n < 0) {
-    r = aclone_error_set (err, errno, "%s: read", path);
-    goto fail;
+  for (int attempt = 1; ; attempt++) {
+    memset (page, 0, sizeof page);
+    n = pread (m->fd, page, sizeof page, 0);
+    if (n < 0) {
+      r = aclone_error_set (err, errno, "%s: read", path);
+      goto fail;
+    }
+    r = aclone_meta_validate (path, page, n, st.st_size, &m->hdr, err);
+    if (r == 0)
+      break;
+    /* A server rewriting the header (aclone_meta_set_flags) at this
+     * instant can leave us a mix of its old and new bytes: read again
+     * while a server holds the file.  One that stays wrong is corrupt.
+     */
+    if (attempt >= HEADER_READ_ATTEMPTS || lock_held_elsewhere (m->fd) != 1)
+      goto fail;
+    nanosleep (&(struct timespec) { .tv_nsec = 1000000 }, NULL);
   }
-  r = aclone_meta_validate (path, page, n, st.st_size, &m->hdr, err);
-  if (r < 0)
-    goto fail;
   if (mode == ACLONE_META_SERVER) {
-    if (flock (m->fd, LOCK_EX | LOCK_NB) < 0) {
-      if (errno == EWOULDBLOCK) {
+    if (lock_exclusive (m->fd) < 0) {
+      if (errno == EAGAIN || errno == EACCES) {
+        /* F_OFD_GETLK cannot name the holder (l_pid is -1 for OFD
+         * locks): the live page can, once the server published it.
+         */
         int64_t pid = 0;     /* only for the message: 0 if unreadable */
         if (pread (m->fd, &pid, sizeof pid,
                    m->hdr.live_off + offsetof (struct aclone_live, pid))
@@ -371,6 +435,8 @@ int
 aclone_meta_set_flags (struct aclone_meta *m, uint32_t flags,
                        struct aclone_error *err)
 {
+  unsigned char page[ACLONE_PAGE];
+
   m->hdr.flags = flags;
   if (flags & ACLONE_FLAG_COMPLETE) {
     if (!m->hdr.completed)
@@ -378,7 +444,12 @@ aclone_meta_set_flags (struct aclone_meta *m, uint32_t flags,
   }
   else
     m->hdr.completed = 0;
-  header_encode (&m->hdr, m->map);
+  /* Encode aside, then one copy into the shared page: readers never see
+   * it zeroed or half encoded (a torn copy fails the checksum; see
+   * aclone_meta_open).
+   */
+  header_encode (&m->hdr, page);
+  memcpy (m->map, page, ACLONE_PAGE);
   if (msync (m->map, ACLONE_PAGE, MS_SYNC) < 0)
     return aclone_error_set (err, errno, "%s: msync header", m->path);
   return 0;
@@ -399,7 +470,8 @@ aclone_meta_commit_bits (struct aclone_meta *m, int which,
     uint64_t k = index[i];
     if (k >= nwords)
       return aclone_error_set (err, ERANGE, "%s: bitmap index", m->path);
-    bm[k] = htole64 (le64toh (bm[k]) | words[i]);
+    /* htole64 permutes bits, so it commutes with OR. */
+    __atomic_fetch_or (&bm[k], htole64 (words[i]), __ATOMIC_RELAXED);
     if (k < lo) lo = k;
     if (k > hi) hi = k;
   }
@@ -414,6 +486,23 @@ aclone_meta_commit_bits (struct aclone_meta *m, int which,
   return 0;
 }
 
+void
+aclone_meta_written_ahead (struct aclone_meta *m, uint64_t first,
+                           uint64_t count)
+{
+  uint64_t end = first + count;
+
+  while (first < end) {
+    unsigned lo = first % 64;
+    unsigned n = end - first < 64 - lo ? (unsigned) (end - first) : 64 - lo;
+    uint64_t mask = (n == 64 ? UINT64_MAX : ((UINT64_C (1) << n) - 1)) << lo;
+    uint64_t *w = &m->written[first / 64];
+    if ((le64toh (__atomic_load_n (w, __ATOMIC_RELAXED)) & mask) != mask)
+      __atomic_fetch_or (w, htole64 (mask), __ATOMIC_RELAXED);
+    first += n;
+  }
+}
+
 bool
 aclone_meta_bit (const struct aclone_meta *m, int which, uint64_t region)
 {
@@ -425,21 +514,20 @@ bool
 aclone_meta_in_use (const char *path)
 {
   int fd = open (path, O_RDONLY | O_CLOEXEC);
-  bool busy = false;
+  bool busy;
 
   if (fd < 0)
     return false;
-  if (flock (fd, LOCK_SH | LOCK_NB) < 0)
-    busy = errno == EWOULDBLOCK;
-  close (fd);        /* drops our shared lock, if we got it */
+  busy = lock_held_elsewhere (fd) == 1;   /* tests, takes nothing */
+  close (fd);
   return busy;
 }
 
 void
 aclone_meta_unlock (struct aclone_meta *m)
 {
-  if (m->fd >= 0)
-    flock (m->fd, LOCK_UN);
+  if (m->fd >= 0 && m->locked && ofd_lock (m->fd, F_OFD_SETLK, F_UNLCK) == 0)
+    m->locked = false;
 }
 
 void
@@ -450,7 +538,7 @@ aclone_meta_close (struct aclone_meta *m)
   if (m->map)
     munmap (m->map, m->map_len);
   if (m->fd >= 0)
-    close (m->fd);          /* releases the flock */
+    close (m->fd);          /* releases the lock, if the last reference */
   free (m->path);
   free (m);
 }

@@ -28,6 +28,16 @@
  *
  * TLS settings are applied to every connection, the first and every
  * reconnect alike.
+ *
+ * Request limits: the first connection's advertised block sizes
+ * (nbd_get_block_size) become the source's min_block, pref_block and
+ * max_request.  aclone_source_pread (generic: it works on any source's
+ * ops->pread) splits reads at max_request and widens an unaligned start
+ * or end to whole min_block blocks through a bounce buffer, so that the
+ * ops only ever see requests the server accepts; block status requests
+ * are aligned here.  A server that advertises no maximum gets at most
+ * 32 MiB, the NBD spec's safe size; 32 MiB is also the most we send to
+ * one that advertises more.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -42,8 +52,6 @@
 #include <bsd/string.h>
 
 #include "aclone/source.h"
-
-#define MAX_REQUEST (32u << 20)        /* stay under every server's limit */
 
 struct nbd_source {
   struct aclone_source base;
@@ -150,6 +158,14 @@ connect_one (struct nbd_source *s, unsigned long long deadline,
    * libnbd's defensive zeroing of read buffers is pure cost here.
    */
   nbd_set_pread_initialize (h, false);
+  /* We align every request to the minimum block size ourselves, but an
+   * export whose size is not a multiple of it can only be read to its
+   * end with a shorter last request: let the server judge that one
+   * rather than libnbd refusing it client-side (LIBNBD_STRICT_ALIGN).
+   */
+  int strict = nbd_get_strict_mode (h);
+  if (strict >= 0)
+    nbd_set_strict_mode (h, strict & ~LIBNBD_STRICT_ALIGN);
   if ((s->tls_certificates &&
        nbd_set_tls_certificates (h, s->tls_certificates) < 0) ||
       (s->tls_psk_file && nbd_set_tls_psk_file (h, s->tls_psk_file) < 0) ||
@@ -239,6 +255,7 @@ struct call {
   enum { CALL_PREAD, CALL_EXTENTS } kind;
   void *buf;
   uint64_t count, offset;
+  uint64_t from;                    /* extents: report from here on */
   aclone_extent_fn fn;
   void *opaque;
   bool stop;
@@ -254,10 +271,14 @@ extent_cb (void *opaque, const char *context, uint64_t offset,
   if (strcmp (context, LIBNBD_CONTEXT_BASE_ALLOCATION) != 0)
     return 0;
   for (size_t i = 0; i + 1 < n && !c->stop; i += 2) {
-    if (c->fn (c->opaque, offset, entries[i],
+    uint64_t end = offset + entries[i];
+    /* The request began at an aligned offset below what was asked. */
+    if (end > c->from &&
+        c->fn (c->opaque, offset > c->from ? offset : c->from,
+               end - (offset > c->from ? offset : c->from),
                (entries[i + 1] & LIBNBD_STATE_ZERO) != 0))
       c->stop = true;
-    offset += entries[i];
+    offset = end;
   }
   return 0;
 }
@@ -336,23 +357,106 @@ with_retry (struct nbd_source *s, struct call *c)
   }
 }
 
+/* Limits ----------------------------------------------------------------- */
+
+uint32_t
+aclone_source_min_block (const struct aclone_source *s)
+{
+  return s->min_block ? s->min_block : 1;
+}
+
+uint32_t
+aclone_source_max_request (const struct aclone_source *s)
+{
+  uint32_t align = aclone_source_min_block (s);
+  uint32_t max = s->max_request && s->max_request < ACLONE_SOURCE_MAX_REQUEST
+                 ? s->max_request : ACLONE_SOURCE_MAX_REQUEST;
+  max -= max % align;
+  return max ? max : align;
+}
+
+/* Read the block [b0, MIN (b0 + align, size)), which holds [pos, end) or
+ * its start, through a bounce buffer; copy [pos, end) (clipped to the
+ * block) to out.  Returns how many bytes were copied, or -errno.
+ */
+static int64_t
+pread_block (struct aclone_source *s, char **bounce, uint32_t align,
+             char *out, uint64_t pos, uint64_t end)
+{
+  uint64_t b0 = pos - pos % align;
+  uint64_t b1 = b0 + align < s->size ? b0 + align : s->size;
+  uint64_t n = (end < b1 ? end : b1) - pos;
+
+  if (!*bounce && !(*bounce = malloc (align)))
+    return -ENOMEM;
+  int r = s->ops->pread (s, *bounce, b1 - b0, b0);
+  if (r < 0)
+    return r;
+  memcpy (out, *bounce + (pos - b0), n);
+  return n;
+}
+
+int
+aclone_source_pread (struct aclone_source *s, void *buf, size_t count,
+                     uint64_t offset)
+{
+  uint32_t align = aclone_source_min_block (s);
+  uint32_t max = aclone_source_max_request (s);
+  uint64_t end = offset + count;
+  char *p = buf, *bounce = NULL;
+  int r = 0;
+
+  if (count == 0)
+    return 0;
+  if (end < offset || end > s->size)
+    return -EINVAL;
+  /* An unaligned start: its whole block, through the bounce buffer. */
+  if (offset % align) {
+    int64_t n = pread_block (s, &bounce, align, p, offset, end);
+    if (n < 0) {
+      r = n;
+      goto out;
+    }
+    p += n;
+    offset += n;
+  }
+  /* The aligned middle: straight into buf, at most max bytes a request. */
+  uint64_t mid_end = end - end % align;
+  while (offset < mid_end) {
+    uint64_t n = mid_end - offset < max ? mid_end - offset : max;
+    r = s->ops->pread (s, p, n, offset);
+    if (r < 0)
+      goto out;
+    p += n;
+    offset += n;
+  }
+  /* An unaligned end: its whole block, through the bounce buffer.  At
+   * the end of a source whose size is not a multiple of min_block, that
+   * block is short: the one unaligned request we cannot avoid (alone,
+   * so that a strict server refuses only that).
+   */
+  if (offset < end) {
+    int64_t n = pread_block (s, &bounce, align, p, offset, end);
+    if (n < 0)
+      r = n;
+  }
+ out:
+  free (bounce);
+  return r;
+}
+
+/* The ops ------------------------------------------------------------------ */
+
+/* One request, within the limits (aclone_source_pread sees to that). */
 static int
 nbd_source_pread (struct aclone_source *base, void *buf, size_t count,
                   uint64_t offset)
 {
   struct nbd_source *s = (struct nbd_source *) base;
+  struct call c = { .kind = CALL_PREAD, .buf = buf, .count = count,
+                    .offset = offset };
 
-  while (count > 0) {
-    size_t n = count < MAX_REQUEST ? count : MAX_REQUEST;
-    struct call c = { .kind = CALL_PREAD, .buf = buf, .count = n, .offset = offset };
-    int r = with_retry (s, &c);
-    if (r < 0)
-      return r;
-    buf = (char *) buf + n;
-    count -= n;
-    offset += n;
-  }
-  return 0;
+  return with_retry (s, &c);
 }
 
 static int
@@ -360,13 +464,35 @@ nbd_source_extents (struct aclone_source *base, uint64_t offset,
                     uint64_t count, aclone_extent_fn fn, void *opaque)
 {
   struct nbd_source *s = (struct nbd_source *) base;
+  uint64_t align = aclone_source_min_block (base);
 
   if (!s->can_extents)
     return -ENOTSUP;
-  if (count > (UINT32_MAX & ~UINT32_C (0xfffff)))
-    count = UINT32_MAX & ~UINT32_C (0xfffff);
-  struct call c = { .kind = CALL_EXTENTS, .count = count, .offset = offset,
-                    .fn = fn, .opaque = opaque };
+  if (count == 0 || offset >= base->size)
+    return 0;
+  if (count > base->size - offset)
+    count = base->size - offset;
+  /* Aligned bounds; extents before `offset` are not reported. */
+  uint64_t a0 = offset - offset % align, a1 = offset + count;
+  if (a1 % align) {
+    a1 += align - a1 % align;
+    if (a1 > base->size)
+      a1 = base->size;
+  }
+  /* A size that is not a multiple of min_block: ask for its short last
+   * block alone (the caller comes back for it), so that a server that
+   * refuses it refuses nothing else.
+   */
+  uint64_t whole = base->size - base->size % align;
+  if (a1 > whole && whole > a0)
+    a1 = whole;
+  /* The length field is 32 bits: at most 4 GiB - 1 MiB (a multiple of
+   * every minimum block size) at a time.
+   */
+  if (a1 - a0 > (UINT32_MAX & ~UINT32_C (0xfffff)))
+    a1 = a0 + (UINT32_MAX & ~UINT32_C (0xfffff));
+  struct call c = { .kind = CALL_EXTENTS, .count = a1 - a0, .offset = a0,
+                    .from = offset, .fn = fn, .opaque = opaque };
   return with_retry (s, &c);
 }
 
@@ -462,6 +588,21 @@ aclone_source_nbd_open (const struct aclone_source_config *cfg,
   }
   s->base.size = size;
   s->base.multi_conn = nbd_can_multi_conn (h) == 1;
+  /* Block size constraints (0 or -1: not advertised).  A minimum is a
+   * power of two up to 64K by the spec; anything else is ignored.  A
+   * maximum is used between the minimum and 32M.
+   */
+  int64_t bmin = nbd_get_block_size (h, LIBNBD_SIZE_MINIMUM);
+  int64_t bpref = nbd_get_block_size (h, LIBNBD_SIZE_PREFERRED);
+  int64_t bmax = nbd_get_block_size (h, LIBNBD_SIZE_MAXIMUM);
+  s->base.min_block = bmin > 0 && bmin <= 65536 && !(bmin & (bmin - 1))
+                      ? (uint32_t) bmin : 1;
+  s->base.pref_block = bpref > 0 && bpref <= UINT32_MAX ? (uint32_t) bpref : 0;
+  if (bmax > 0 && bmax < s->base.min_block)
+    bmax = s->base.min_block;
+  s->base.max_request = bmax > 0 && bmax < ACLONE_SOURCE_MAX_REQUEST
+                        ? (uint32_t) bmax : ACLONE_SOURCE_MAX_REQUEST;
+  s->base.max_request = aclone_source_max_request (&s->base);  /* aligned */
   s->can_extents = nbd_can_meta_context (h, LIBNBD_CONTEXT_BASE_ALLOCATION) == 1;
   /* Several connections to a server without multi-conn could see each
    * other's writes out of order; we only read, but be conservative.

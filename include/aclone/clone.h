@@ -1,5 +1,5 @@
-/* aclone: the clone device: I/O semantics of DESIGN.md built on the
- * metadata file, the region map, the source and the destination.
+/* aclone: the clone device: the I/O semantics of aclone-design(7), built
+ * on the metadata file, the region map, the source and the destination.
  *
  * All I/O functions are safe to call from many threads at once.  They
  * return 0 or -errno; -errno is what the NBD client should see.
@@ -34,56 +34,122 @@ struct aclone_clone_config {
 /* Log sink: level 0 debug, 1 info, 2 error. */
 typedef void (*aclone_log_fn) (void *opaque, int level, const char *msg);
 
+/* The clone's mode: what its data allows.  One value, changed only by
+ * the transitions in clone.c ("Modes"):
+ *
+ *   HYDRATING --(a commit finds every region hydrated)--> COMPLETE
+ *   HYDRATING, COMPLETE --(dest or metadata sync fails)--> FAILED
+ *
+ * and never out of FAILED while the server runs (dm-clone's fail mode).
+ */
+enum aclone_mode {
+  ACLONE_MODE_HYDRATING = 0,   /* some regions still read from the source */
+  ACLONE_MODE_COMPLETE,        /* every region on dest and committed */
+  ACLONE_MODE_FAILED,          /* a sync failed: nothing is committed again */
+};
+
+/* Where the server is in its life: the request gate (see
+ * aclone_clone_shutdown).  RUNNING -> STOPPING -> STOPPED, once.
+ */
+enum aclone_run {
+  ACLONE_RUN_RUNNING = 0,      /* requests pass the gate */
+  ACLONE_RUN_STOPPING,         /* gate closed, requests inside drain */
+  ACLONE_RUN_STOPPED,          /* final commit done */
+};
+
 struct aclone_clone {
+  /* Set at open, then read-only. */
   struct aclone_meta *meta;
-  struct aclone_map map;
   struct aclone_dest *dest;
-  struct aclone_source *src;     /* NULL once complete */
-  pthread_rwlock_t src_lock;     /* read: using src; write: releasing it */
   uint64_t size;
   uint32_t region_size;
   bool copy_on_read;
+  aclone_log_fn log;
+  void *log_opaque;
+
+  struct aclone_map map;         /* atomic bits; region locks inside */
+
+  /* The source: NULL once complete.  Borrow it with
+   * aclone_clone_source_get/put; released under the write lock.
+   */
+  struct aclone_source *src;     /* protected by src_lock */
+  pthread_rwlock_t src_lock;
+
+  _Atomic int mode;              /* enum aclone_mode: clone.c, "Modes" */
+  _Atomic int run;               /* enum aclone_run */
+  char fail_cause[256];          /* written once, by the move to FAILED */
 
   /* Unhydrated regions read zero on dest: dest was created sparse by us,
-   * or the header says so and nothing has written to them since.
+   * or the header said so at open.  Cleared for good by any failed dest
+   * write, which may leave junk in a region that is not hydrated.
    */
-  bool dest_zero;
-  atomic_bool dest_tainted;      /* a dest write failed: dest_zero is void */
-  atomic_bool complete;          /* every region hydrated and committed */
+  atomic_bool dest_zero;
 
-  /* Commit (DESIGN.md invariant 1): one at a time. */
+  /* Commit (invariant 1): one at a time, under commit_lock, which also
+   * protects the scratch arrays.
+   */
   pthread_mutex_t commit_lock;
   uint64_t *ci, *cw;  size_t ccap;     /* scratch: hydrated dirty words */
   uint64_t *wi, *ww;  size_t wcap;     /* scratch: written dirty words */
 
-  /* Counters, cumulative over the clone's life (loaded from live page). */
+  /* Counters, cumulative over the clone's life (loaded from live page);
+   * atomic, advisory.
+   */
   atomic_uint_fast64_t bytes_copied, bytes_skipped, errors, in_flight;
-  pthread_mutex_t err_lock;
+  pthread_mutex_t err_lock;      /* protects last_error */
   char last_error[256];
 
+  /* Shared with the hydrator (atomic). */
   atomic_uint_fast64_t rate;     /* bytes/s copied recently (hydrator) */
   atomic_uint_fast64_t hint;     /* 1 + region after the last read miss, 0 none */
   atomic_uint fg_active;         /* client requests in progress */
   atomic_uint_fast64_t fg_last_ns; /* when the last client request began */
-  atomic_bool failing;           /* hydrator backing off after failures */
+  atomic_bool backing_off;       /* hydrator waiting after failures */
+  /* After a copy-on-read's dest write failed: no copy-on-read before
+   * this time (aclone_now_ns), reads go to the source alone.
+   */
+  atomic_uint_fast64_t cor_retry_ns;
 
-  aclone_log_fn log;
-  void *log_opaque;
-
-  /* Ticker: commits every second while dirty, updates the live page. */
+  /* Ticker: commits every second while dirty, updates the live page.
+   * It stops when run leaves RUNNING (signalled under tick_lock).
+   */
   pthread_t ticker;
-  bool ticker_running;
+  bool ticker_running;           /* owned by start/shutdown */
   pthread_mutex_t tick_lock;
   pthread_cond_t tick_cond;
-  bool stopping;
 
-  /* Request gate: see aclone_clone_shutdown. */
-  atomic_uint requests;          /* client requests inside */
-  atomic_bool gate_closed;
-  bool shut;                     /* aclone_clone_shutdown has run */
+  atomic_uint requests;          /* client requests inside the gate */
 
-  struct aclone_hydrator *hydrator;
+  struct aclone_hydrator *hydrator;  /* owned by hydrator.c */
 };
+
+/* The current mode (acquire: a reader that sees COMPLETE sees every
+ * region hydrated).
+ */
+static inline enum aclone_mode
+aclone_clone_mode (struct aclone_clone *c)
+{
+  return (enum aclone_mode) atomic_load_explicit (&c->mode, memory_order_acquire);
+}
+
+/* Enter FAILED, for good, with cause (printf-style): logs once and
+ * shows "failed" with the cause in the live page.  Later calls do nothing.
+ */
+void aclone_clone_fail (struct aclone_clone *c, const char *fmt, ...)
+  __attribute__ ((format (printf, 2, 3)));
+
+/* Borrow the source for one call: returns it with src_lock read-held,
+ * or NULL (nothing held) once it has been released.  Every non-NULL
+ * return must be paired with aclone_clone_source_put.
+ */
+struct aclone_source *aclone_clone_source_get (struct aclone_clone *c);
+void aclone_clone_source_put (struct aclone_clone *c);
+
+/* A dest write at off failed with r (-errno): record it, and void the
+ * dest-zero promise.  Returns r.
+ */
+int aclone_clone_dest_failed (struct aclone_clone *c, int r, const char *what,
+                              uint64_t off);
 
 /* Open or create the clone.  src may be NULL only for a complete clone;
  * on success the clone owns src.  Checks everything before modifying
@@ -144,13 +210,16 @@ int aclone_clone_extents (struct aclone_clone *c, uint32_t count,
                           uint64_t offset, bool req_one,
                           aclone_status_fn fn, void *opaque);
 
-/* The commit protocol, DESIGN.md invariant 1:
+/* The commit protocol (invariant 1):
  *   1. swap out the dirty bits (regions hydrated/written since last commit)
  *   2. fdatasync dest
- *   3. set those bits in the mmap'd bitmaps
- *   4. msync them
+ *   3. set the written bits in the mmap'd bitmap and msync them, then
+ *   4. the same for the hydrated bits
  * then, when every region is hydrated, set the header's complete flag.
- * On failure the swapped bits go back to the dirty set for the next try.
+ * A failed sync or metadata write moves the clone to FAILED (the kernel
+ * reports a writeback error once and may have dropped the data, so no
+ * later commit could be trusted): this call and every later one return
+ * -EIO.  Only a lack of memory in step 1 leaves the bits for the next try.
  */
 int aclone_clone_commit (struct aclone_clone *c);
 

@@ -1,4 +1,4 @@
-/* aclone: the background hydrator (DESIGN.md, "Hydrator").
+/* aclone: the background hydrator (aclone-design(7), "THREADS AND LOCKS").
  *
  * One worker thread per clone copies every region that is not hydrated
  * from the source to dest, then commits and marks the clone complete.

@@ -8,7 +8,7 @@
  * Bits only ever go from 0 to 1, except the dirty bits, which a commit
  * swaps out (aclone_map_take_dirty) and gives back if it fails.
  *
- * Region locks (DESIGN.md invariant 3) are logical: a range of regions
+ * Region locks (invariant 3 of aclone-design(7)) are logical: a range of regions
  * is locked by whoever is copying into it or writing it while it is not
  * hydrated.  They are not mutexes and may be held across I/O.  A thread
  * holds at most one range at a time, so there is no lock ordering to get
@@ -63,10 +63,26 @@ aclone_map_hydrated (const struct aclone_map *m, uint64_t r)
           >> (r % 64)) & 1;
 }
 
+static inline bool
+aclone_map_written (const struct aclone_map *m, uint64_t r)
+{
+  return (atomic_load_explicit (&m->written[r / 64], memory_order_acquire)
+          >> (r % 64)) & 1;
+}
+
 /* Length of the run of regions starting at r, at most max regions, that
  * share r's hydrated state.
  */
 uint64_t aclone_map_run (const struct aclone_map *m, uint64_t r, uint64_t max);
+
+/* The same, and *hydrated = the state the run was measured against.  A
+ * caller that routes on the state must take it from here, not from a
+ * second aclone_map_hydrated (r): r may become hydrated in between, and
+ * the run of unhydrated regions behind it would then be read from dest,
+ * where nothing was ever copied.
+ */
+uint64_t aclone_map_run_state (const struct aclone_map *m, uint64_t r,
+                               uint64_t max, bool *hydrated);
 
 /* Next unhydrated region at or after r, or m->regions. */
 uint64_t aclone_map_next_unhydrated (const struct aclone_map *m, uint64_t r);

@@ -9,10 +9,15 @@
  *   hydrated_off    committed "hydrated" bitmap, one bit per region
  *   written_off     committed "written by a client" bitmap
  *
- * The bitmaps hold committed state only (DESIGN.md invariant 1): bits are
+ * The bitmaps hold committed state only (invariant 1 of aclone-design(7)): bits are
  * set by aclone_meta_commit_bits after the caller made the data durable.
- * The file is flock'ed exclusively by the server that uses it; flock
- * belongs to the open file description, so it survives nbdkit's fork.
+ * The server that uses the file holds an exclusive OFD lock on it
+ * (fcntl F_OFD_SETLK, F_WRLCK, whole file).  An OFD lock belongs to the
+ * open file description, as flock does, so it survives nbdkit's fork and
+ * is released by the last close (or aclone_meta_unlock).  Unlike flock it
+ * can be tested without taking it (F_OFD_GETLK): aclone_meta_in_use never
+ * makes a server that starts at the same instant fail.  (flock and fcntl
+ * locks do not see each other on Linux: everything here uses OFD locks.)
  */
 #ifndef ACLONE_META_H
 #define ACLONE_META_H
@@ -66,6 +71,7 @@ enum aclone_state {
   ACLONE_STATE_COMPLETE = 3,
   ACLONE_STATE_ERROR = 4,
   ACLONE_STATE_WAITING = 5,      /* source unreachable, retrying */
+  ACLONE_STATE_FAILED = 6,       /* a sync failed: nothing more is committed */
 };
 
 #define ACLONE_LIVE_MAGIC 0x4556494c454e4f4cULL   /* "LONELIVE" */
@@ -137,7 +143,12 @@ enum aclone_meta_mode {
                            control fields of the live page */
 };
 
-/* Open and validate an existing file. */
+/* Open and validate an existing file.  A header that fails validation
+ * while another process holds the lock is read again a few times (1 ms
+ * apart): the server may be rewriting it (aclone_meta_set_flags).
+ * ACLONE_META_SERVER fails with -EBUSY, "in use by another aclone server
+ * (pid N)", N from the live page, if the lock is held.
+ */
 int aclone_meta_open (const char *path, enum aclone_meta_mode mode,
                       struct aclone_meta **out, struct aclone_error *err);
 
@@ -149,19 +160,38 @@ int aclone_meta_validate (const char *path, const void *page, size_t page_len,
                           uint64_t file_len, struct aclone_meta_header *out,
                           struct aclone_error *err);
 
-/* Rewrite the header's flags (and completed time) and msync page 0. */
+/* Rewrite the header's flags (and completed time) and msync page 0.
+ * The page is encoded aside and copied into the mapping at once; a
+ * reader racing with the copy fails the checksum, and aclone_meta_open
+ * then reads again while a server holds the file.
+ */
 int aclone_meta_set_flags (struct aclone_meta *m, uint32_t flags,
                            struct aclone_error *err);
 
 /* Set the given bits in the committed bitmaps (which: 0 hydrated,
  * 1 written) and msync the pages touched.  The caller guarantees the data
- * is durable.  words[i] is OR'ed into word index[i].
+ * is durable.  words[i] is OR'ed (atomically: aclone_meta_written_ahead
+ * may set bits of the same words) into word index[i].
  */
 int aclone_meta_commit_bits (struct aclone_meta *m, int which,
                              const uint64_t *index, const uint64_t *words,
                              size_t n, struct aclone_error *err);
 
-/* Is a server holding the lock on this file?  (For the CLI.) */
+/* Set "written" bits [first, first+count) in the mapping now, before the
+ * client's data is written, without msync.  Ahead of the commit on
+ * purpose: a written bit only keeps a region out of the audit (verify),
+ * so one too many is harmless, while one missing after a crash (the
+ * write reached dest's page cache, the process died before the commit)
+ * would make verify report the client's data as a bad copy.  A process
+ * crash keeps the mapping's pages; only a power cut can lose them.
+ */
+void aclone_meta_written_ahead (struct aclone_meta *m, uint64_t first,
+                                uint64_t count);
+
+/* Is a server holding the lock on this file?  (For the CLI.)  Tests the
+ * lock with F_OFD_GETLK and takes nothing, so it never makes a server's
+ * aclone_meta_open or aclone_meta_create fail.
+ */
 bool aclone_meta_in_use (const char *path);
 
 /* Test a committed bit. */

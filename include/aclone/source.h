@@ -25,8 +25,18 @@ typedef int (*aclone_extent_fn) (void *opaque, uint64_t offset,
 struct aclone_source;
 struct nbd_handle;
 
+/* Largest read aclone sends a source that does not advertise a maximum
+ * block size (and never more, whatever it advertises): the NBD spec's
+ * "safe" size, which every server takes.
+ */
+#define ACLONE_SOURCE_MAX_REQUEST (32u << 20)
+
 struct aclone_source_ops {
-  /* Read exactly count bytes at offset.  0 or -errno. */
+  /* Read exactly count bytes at offset.  0 or -errno.  Called through
+   * aclone_source_pread only, so within the source's limits: count <=
+   * max_request, and offset and count multiples of min_block (count may
+   * instead end at the source's size).
+   */
   int (*pread) (struct aclone_source *s, void *buf, size_t count,
                 uint64_t offset);
   /* Report extents covering at least the first byte of [offset,
@@ -48,6 +58,20 @@ struct aclone_source {
   bool multi_conn;             /* source advertises multi-conn */
   char desc[256];              /* URI without query string: no secrets */
   unsigned timeout_s;          /* longest wait for a reply; 0 = none */
+  /* Request limits, from the source's advertised block sizes (NBD
+   * NBD_INFO_BLOCK_SIZE), fixed at open.  Every request sent to the
+   * source, synchronous or asynchronous, must be at most max_request
+   * bytes and, in offset and length, a multiple of min_block (the length
+   * may instead end at `size`).  aclone_source_pread does that for any
+   * read; code using aio_connect handles must do it itself.
+   *   min_block:   advertised minimum, else 1 (no alignment needed)
+   *   pref_block:  advertised preferred size, else 0 (none); advisory
+   *   max_request: advertised maximum, else ACLONE_SOURCE_MAX_REQUEST,
+   *                never above it; a multiple of min_block, >= min_block
+   * A source that leaves them 0 is treated as 1, 0 and
+   * ACLONE_SOURCE_MAX_REQUEST.
+   */
+  uint32_t min_block, pref_block, max_request;
   /* Set by the pool, read by status reporting. */
   _Atomic unsigned long long outage_since_ns; /* 0 = connected */
   /* Set at shutdown: calls waiting for a lost source give up at once. */
@@ -80,12 +104,17 @@ int aclone_source_nbd_open (const struct aclone_source_config *cfg,
 /* Copy of uri with any query string and userinfo removed. */
 void aclone_source_describe (const char *uri, char *out, size_t outlen);
 
-static inline int
-aclone_source_pread (struct aclone_source *s, void *buf, size_t count,
-                     uint64_t offset)
-{
-  return s->ops->pread (s, buf, count, offset);
-}
+/* Read exactly count bytes at offset, any offset and count within the
+ * source: split into requests of at most max_request bytes, and an
+ * unaligned start or end read as whole min_block blocks through a bounce
+ * buffer.  0 or -errno (-EINVAL beyond the end).
+ */
+int aclone_source_pread (struct aclone_source *s, void *buf, size_t count,
+                         uint64_t offset);
+
+/* s's limits with defaults for unset (0) fields, as described above. */
+uint32_t aclone_source_min_block (const struct aclone_source *s);
+uint32_t aclone_source_max_request (const struct aclone_source *s);
 
 /* The source is lost (0 = connected): record since when, once, for the
  * live page's "waiting" state.

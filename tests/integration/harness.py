@@ -56,54 +56,39 @@ def wait_for(pred, timeout, what, interval=0.02):
         time.sleep(interval)
 
 
-class Server:
-    """An nbdkit process serving on a Unix socket."""
+class Daemon:
+    """A server process a test started: output in NAME.log in the test's
+    directory, started and stopped with bounded waits.  ready() says when
+    it serves; refused() (optional) when it will not, though it has not
+    exited yet."""
 
-    def __init__(self, tmp, name, args, env=None, tcp_port=None):
+    def __init__(self, tmp, name, cmd, ready, env=None, what=None,
+                 preexec_fn=None):
         self.name = name
-        self.tcp_port = tcp_port
-        self.sock = os.path.join(tmp, name + ".sock")
-        self.pidfile = os.path.join(tmp, name + ".pid")
         self.logpath = os.path.join(tmp, name + ".log")
-        for p in (self.sock, self.pidfile):
-            if os.path.exists(p):
-                os.unlink(p)
-        self.args = args
+        self.log = open(self.logpath, "ab")
         e = dict(os.environ)
         if env:
             e.update(env)
-        self.log = open(self.logpath, "ab")
-        listen = (["-i", "127.0.0.1", "-p", str(tcp_port)] if tcp_port
-                  else ["-U", self.sock])
-        cmd = ["nbdkit", "-f", "--exit-with-parent"] + listen + \
-              ["-P", self.pidfile] + args
+        what = what or "%s %s" % (cmd[0], name)
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=e)
+                                     stdin=subprocess.DEVNULL, env=e,
+                                     preexec_fn=preexec_fn)
         try:
-            wait_for(lambda: os.path.exists(self.pidfile) or self.proc.poll() is not None
-                     or self.refused(), START_TIMEOUT, "nbdkit %s to start" % name)
+            wait_for(lambda: ready() or self.proc.poll() is not None
+                     or self.refused(), START_TIMEOUT, what + " to start")
         except AssertionError:
             self.stop(signal.SIGKILL)
             raise
-        if self.proc.poll() is None and not os.path.exists(self.pidfile):
+        if self.proc.poll() is None and not ready():
             self.stop(signal.SIGKILL)           # refused, hung on its way out
         if self.proc.poll() is not None:
             self.log.close()
-            raise RuntimeError("nbdkit %s exited with %s:\n%s" %
-                               (name, self.proc.returncode, self.output()))
+            raise RuntimeError("%s exited with %s:\n%s" %
+                               (what, self.proc.returncode, self.output()))
 
     def refused(self):
-        """Under the sanitizer preload: has nbdkit printed an error and,
-        half a second later, still not started serving?  (It may then
-        hang in its exit: see SANITIZED.)"""
-        if not SANITIZED or " error: " not in self.output():
-            return False
-        time.sleep(0.5)
-        return not os.path.exists(self.pidfile)
-
-    @property
-    def uri(self):
-        return "nbd+unix:///?socket=" + self.sock
+        return False
 
     def output(self):
         try:
@@ -128,6 +113,38 @@ class Server:
         if not self.log.closed:
             self.log.close()
         return time.monotonic() - t0
+
+
+class Server(Daemon):
+    """An nbdkit process serving on a Unix socket (or 127.0.0.1)."""
+
+    def __init__(self, tmp, name, args, env=None, tcp_port=None):
+        self.tcp_port = tcp_port
+        self.sock = os.path.join(tmp, name + ".sock")
+        self.pidfile = os.path.join(tmp, name + ".pid")
+        for p in (self.sock, self.pidfile):
+            if os.path.exists(p):
+                os.unlink(p)
+        self.args = args
+        listen = (["-i", "127.0.0.1", "-p", str(tcp_port)] if tcp_port
+                  else ["-U", self.sock])
+        cmd = ["nbdkit", "-f", "--exit-with-parent"] + listen + \
+              ["-P", self.pidfile] + args
+        super().__init__(tmp, name, cmd, lambda: os.path.exists(self.pidfile),
+                         env, "nbdkit %s" % name)
+
+    def refused(self):
+        """Under the sanitizer preload: has nbdkit printed an error and,
+        half a second later, still not started serving?  (It may then
+        hang in its exit: see SANITIZED.)"""
+        if not SANITIZED or " error: " not in self.output():
+            return False
+        time.sleep(0.5)
+        return not os.path.exists(self.pidfile)
+
+    @property
+    def uri(self):
+        return "nbd+unix:///?socket=" + self.sock
 
     def connect(self):
         h = nbd.NBD()

@@ -148,8 +148,20 @@ class KernelPath:
         finally:
             if self.loop:
                 run("losetup", "-d", self.loop, check=False)
+                # While something still holds the loop device, losetup -d
+                # only sets autoclear: wait until it is really gone, or
+                # the FUSE file stays busy.
+                sysfs = "/sys/block/%s/loop" % os.path.basename(self.loop)
+                end = time.monotonic() + 10
+                while os.path.exists(sysfs) and time.monotonic() < end:
+                    time.sleep(0.05)
                 self.loop = None
-            run("fusermount3", "-u", self.dir, check=False)
+            for _ in range(50):
+                if run("fusermount3", "-u", self.dir, check=False).returncode == 0:
+                    break
+                time.sleep(0.1)
+            else:
+                run("fusermount3", "-uz", self.dir, check=False)
             try:
                 self.fuse.wait(10)
             except subprocess.TimeoutExpired:

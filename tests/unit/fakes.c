@@ -1,5 +1,6 @@
 #include <errno.h>
 #include <ftw.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,6 +28,18 @@ fake_pread (struct aclone_source *base, void *buf, size_t count, uint64_t off)
   if (d)
     usleep (d);
   s->reads++;
+  unsigned long long seen = s->max_seen;
+  while (count > seen &&
+         !atomic_compare_exchange_weak (&s->max_seen, &seen, count))
+    ;
+  if (s->enforce_limits) {
+    uint64_t align = s->base.min_block ? s->base.min_block : 1;
+    if (count > s->base.max_request || off % align ||
+        (count % align && off + count != s->base.size)) {
+      s->violations++;
+      return -EINVAL;
+    }
+  }
   if (s->fail_errno && (fo < 0 || ((uint64_t) fo >= off && (uint64_t) fo < off + count)))
     return -s->fail_errno;
   if (off + count > s->base.size)
@@ -80,6 +93,9 @@ fake_source_new (uint64_t size, unsigned seed, unsigned zero_every_mib)
   s->base.ops = &fake_ops;
   s->base.size = size;
   s->base.multi_conn = true;
+  s->base.min_block = 1;
+  s->base.pref_block = 4096;
+  s->base.max_request = ACLONE_SOURCE_MAX_REQUEST;
   strcpy (s->base.desc, "fake://source");
   s->data = malloc (size);
   s->fail_offset = -1;
@@ -92,6 +108,16 @@ fake_source_new (uint64_t size, unsigned seed, unsigned zero_every_mib)
         memset (s->data + (m << 20), 0, (e > size ? size : e) - (m << 20));
       }
   return s;
+}
+
+void
+fake_source_set_limits (struct fake_source *s, uint32_t min_block,
+                        uint32_t pref_block, uint32_t max_request)
+{
+  s->base.min_block = min_block ? min_block : 1;
+  s->base.pref_block = pref_block;
+  s->base.max_request = max_request ? max_request : ACLONE_SOURCE_MAX_REQUEST;
+  s->enforce_limits = true;
 }
 
 void

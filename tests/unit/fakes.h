@@ -19,6 +19,15 @@ struct fake_source {
   _Atomic unsigned delay_us;       /* sleep in every pread */
   _Atomic int fail_errno;          /* fail every pread with this */
   _Atomic long long fail_offset;   /* ...or only reads covering this byte (-1 none) */
+  /* Request limits, as an NBD server advertises them: base.min_block,
+   * base.pref_block, base.max_request (fake_source_new: 1, 4096, 32M).
+   * With enforce_limits, a pread above max_request or not aligned to
+   * min_block (the end may be the source's end) fails with -EINVAL, as a
+   * strict server would, and counts a violation.
+   */
+  bool enforce_limits;
+  _Atomic unsigned violations;     /* preads refused for the limits */
+  _Atomic unsigned long long max_seen; /* largest pread count asked */
   bool closed;
 };
 
@@ -30,6 +39,13 @@ struct fake_source {
 struct fake_source *fake_source_new (uint64_t size, unsigned seed,
                                      unsigned zero_every_mib);
 void fake_source_free (struct fake_source *s);
+
+/* Advertise these limits and enforce them (see enforce_limits); 0 for
+ * min_block means 1, for max_request ACLONE_SOURCE_MAX_REQUEST.  E.g.
+ * fake_source_set_limits (s, 4096, 4096, 64 * 1024): a 64K maximum.
+ */
+void fake_source_set_limits (struct fake_source *s, uint32_t min_block,
+                             uint32_t pref_block, uint32_t max_request);
 
 /* Fill buf with deterministic bytes for (seed, offset). */
 void fill_pattern (unsigned char *buf, size_t len, unsigned seed, uint64_t offset);

@@ -150,5 +150,9 @@ main (void)
     cmocka_unit_test (test_load_ignores_tail),
     cmocka_unit_test (test_locks),
   };
+  /* ACLONE_TEST_FILTER=NAME (a glob) runs only the tests it matches:
+   * tests/mutants/run picks the one that must catch a mutant.
+   */
+  cmocka_set_test_filter (getenv ("ACLONE_TEST_FILTER"));
   return cmocka_run_group_tests (tests, NULL, NULL);
 }
