@@ -1,9 +1,20 @@
 # aclone: thin wrapper over meson for the README's Quick start.
 #
 #   make demo     clone a disk holding ext4, read a file from the clone
-#   make check    unit + integration tests; the unit tests under valgrind;
-#                 everything again under ASan/UBSan; unit + concurrency
-#                 tests under TSan; 30 s of fuzzing; the Debian packages
+#   make check    every test stage below, each running what it adds once:
+#                   normal    unit and integration tests (all of them)
+#                   valgrind  the unit tests under memcheck
+#                   san       unit tests and the integration tests that
+#                             drive the core hardest, under ASan+UBSan
+#                   tsan      unit and concurrency tests under TSan
+#                   fuzz      30 s of libFuzzer on the metadata parser
+#                   mutants   the mutation check (tests/mutants/): each
+#                             deliberate bug must fail the tests named in it
+#                   deb       the Debian packages: build, lint, install,
+#                             run the installed binaries
+#                 then one summary: each stage, every failed and skipped
+#                 test with its reason, and "N passed, N failed, N skipped".
+#   make check-STAGE     one stage alone, e.g. make check-mutants
 #
 # Both install missing Debian packages first (when run as root).
 
@@ -12,18 +23,22 @@ SAN_BUILD  ?= build-san
 TSAN_BUILD ?= build-tsan
 DEB_BUILD  ?= build-deb
 FUZZ_BUILD ?= build-fuzz
+MUTANT_BUILD ?= build-mutants
 MESON     ?= meson
+SHELL      = /bin/bash
 
 # (nbdfuse comes with libnbd-bin in Debian 12.)
-DEBS = gcc pkg-config meson ninja-build \
+DEBS = gcc pkg-config meson ninja-build python3 \
        nbdkit nbdkit-plugin-dev libnbd-dev libnbd-bin python3-libnbd \
        liburing-dev libbsd-dev libcmocka-dev \
        qemu-utils e2fsprogs fuse3 util-linux clang libclang-rt-14-dev valgrind \
        openssl systemd dpkg-dev debhelper lintian man-db \
        qemu-system-x86 nbd-client busybox-static cpio kmod
 
-.PHONY: all deps build demo check check-fast check-san check-tsan check-fuzz \
-        check-deb install clean
+STAGES = normal valgrind san tsan fuzz mutants deb
+
+.PHONY: all deps build demo check check-stages $(addprefix check-,$(STAGES)) \
+        install clean
 
 all: build
 
@@ -53,19 +68,30 @@ build: deps $(BUILD)/build.ninja
 demo: build
 	bash tests/demo.sh
 
-# Unit and integration tests on the normal build; the unit tests again
-# under valgrind (memcheck errors and definite leaks fail them).
-VALGRIND = valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite
-check-fast: build
-	$(MESON) test -C $(BUILD) --print-errorlogs --num-processes 2 || true
-	$(MESON) test -C $(BUILD) --suite unit --print-errorlogs --num-processes 2 \
-	  --wrapper '$(VALGRIND)' --logbase valgrind || true
-	@python3 tests/summary.py $(BUILD)/meson-logs/testlog.json \
-	  $(BUILD)/meson-logs/valgrind-valgrind.json
+# Where each stage leaves its results (tests/summary.py reads them).
+LOG_normal   = $(BUILD)/meson-logs/testlog.json
+LOG_valgrind = $(BUILD)/meson-logs/valgrind-valgrind.json
+LOG_san      = $(SAN_BUILD)/meson-logs/testlog.json
+LOG_tsan     = $(TSAN_BUILD)/meson-logs/testlog.json
+LOG_fuzz     = $(FUZZ_BUILD)/meson-logs/testlog.json
+LOG_deb      = $(DEB_BUILD)/testlog.json
+LOG_mutants  = $(MUTANT_BUILD)/testlog.json
 
-# The same under AddressSanitizer + UndefinedBehaviorSanitizer.  The plugin
-# is loaded by an uninstrumented nbdkit, so the ASan runtime is preloaded
-# into it (ACLONE_TEST_PRELOAD); leak checks run on the unit tests.
+MESON_TEST = $(MESON) test --print-errorlogs --num-processes 2
+
+check-normal: build
+	$(MESON_TEST) -C $(BUILD)
+
+# memcheck errors and definite leaks fail a unit test.
+VALGRIND = valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite
+check-valgrind: build
+	$(MESON_TEST) -C $(BUILD) --suite unit --wrapper '$(VALGRIND)' --logbase valgrind
+
+# AddressSanitizer + UndefinedBehaviorSanitizer.  The plugin is loaded by
+# an uninstrumented nbdkit, so the ASan runtime is preloaded into it
+# (ACLONE_TEST_PRELOAD); leak checks run on the unit tests.
+SAN_TESTS = meta map clone powerloss device reused_dest integrity concurrency \
+            faults hydration
 $(SAN_BUILD)/build.ninja:
 	$(MESON) setup $(SAN_BUILD) -Db_sanitize=address,undefined -Db_lundef=false \
 	  -Dc_args=-fno-sanitize-recover=all -Dc_link_args=-fno-sanitize-recover=all
@@ -76,12 +102,12 @@ check-san: deps $(SAN_BUILD)/build.ninja
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 \
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	ACLONE_STRESS_SECONDS=4 \
-	  $(MESON) test -C $(SAN_BUILD) --print-errorlogs --num-processes 2 || true
-	@python3 tests/summary.py $(SAN_BUILD)/meson-logs/testlog.json
+	  $(MESON_TEST) -C $(SAN_BUILD) $(SAN_TESTS)
 
 # ThreadSanitizer: the unit tests and the concurrency test (4 clients and
 # the hydrator's workers on shared regions).  As with ASan, the runtime is
 # preloaded into nbdkit; a report in a server's log fails the test.
+TSAN_TESTS = meta map clone powerloss concurrency
 $(TSAN_BUILD)/build.ninja:
 	$(MESON) setup $(TSAN_BUILD) -Db_sanitize=thread -Db_lundef=false
 
@@ -89,9 +115,7 @@ check-tsan: deps $(TSAN_BUILD)/build.ninja
 	$(MESON) compile -C $(TSAN_BUILD)
 	ACLONE_TEST_PRELOAD="$$(gcc -print-file-name=libtsan.so)" \
 	TSAN_OPTIONS=halt_on_error=0:exitcode=66 \
-	  $(MESON) test -C $(TSAN_BUILD) --print-errorlogs --num-processes 2 \
-	  meta map clone powerloss concurrency || true
-	@python3 tests/summary.py $(TSAN_BUILD)/meson-logs/testlog.json
+	  $(MESON_TEST) -C $(TSAN_BUILD) $(TSAN_TESTS)
 
 # The metadata parser under libFuzzer (clang, ASan+UBSan), for 30 s;
 # a longer run: make check-fuzz FUZZ_SECONDS=3600 (the corpus it grows is
@@ -104,30 +128,33 @@ $(FUZZ_BUILD)/build.ninja:
 check-fuzz: deps $(FUZZ_BUILD)/build.ninja
 	$(MESON) configure $(FUZZ_BUILD) -Dfuzz_seconds=$(FUZZ_SECONDS)
 	$(MESON) compile -C $(FUZZ_BUILD) tests/fuzz_meta
-	$(MESON) test -C $(FUZZ_BUILD) --suite fuzz --print-errorlogs || true
-	@python3 tests/summary.py $(FUZZ_BUILD)/meson-logs/testlog.json
+	$(MESON_TEST) -C $(FUZZ_BUILD) --suite fuzz
 
-# The Debian packages: built from the tracked files with their tests,
-# lintian, installed, and the installed plugin and CLI run.
+# The Debian packages from the tracked files: built (the in-package test
+# run is off here, the stages above ran the tests), linted, installed, and
+# the installed plugin and CLI run.
 check-deb: deps
 	bash tests/package.sh $(DEB_BUILD)
 
+# Every stage runs even when one fails (-k); a stage that fails before it
+# writes its results (a build error) leaves no log, which the summary
+# counts as a failure.
 check: build
-	@$(MAKE) --no-print-directory check-fast; a=$$?; \
-	 $(MAKE) --no-print-directory check-san; b=$$?; \
-	 $(MAKE) --no-print-directory check-tsan; d=$$?; \
-	 $(MAKE) --no-print-directory check-fuzz; c=$$?; \
-	 $(MAKE) --no-print-directory check-deb; e=$$?; \
-	 python3 tests/summary.py $(BUILD)/meson-logs/testlog.json \
-	   $(BUILD)/meson-logs/valgrind-valgrind.json \
-	   $(SAN_BUILD)/meson-logs/testlog.json \
-	   $(TSAN_BUILD)/meson-logs/testlog.json \
-	   $(FUZZ_BUILD)/meson-logs/testlog.json \
-	   $(DEB_BUILD)/testlog.json | sed 's/^/all: /'; \
-	 [ $$a = 0 ] && [ $$b = 0 ] && [ $$c = 0 ] && [ $$d = 0 ] && [ $$e = 0 ]
+	@rm -f $(foreach s,$(STAGES),$(LOG_$(s)))
+	@$(MAKE) --no-print-directory -k check-stages; rc=$$?; \
+	 python3 tests/summary.py $(foreach s,$(STAGES),$(s)=$(LOG_$(s))) | \
+	   sed 's/^\([0-9]* passed\)/all: \1/'; \
+	 [ $$rc = 0 ] && [ $${PIPESTATUS[0]} = 0 ]
+
+check-stages: $(addprefix check-,$(STAGES))
+
+# Mutation check: each patch in tests/mutants/ breaks one rule on purpose;
+# the tests it names must fail (under a minute).
+check-mutants: deps
+	tests/mutants/run $(MUTANT_BUILD)
 
 install: build
 	$(MESON) install -C $(BUILD)
 
 clean:
-	rm -rf $(BUILD) $(SAN_BUILD) $(TSAN_BUILD) $(FUZZ_BUILD) $(DEB_BUILD)
+	rm -rf $(BUILD) $(SAN_BUILD) $(TSAN_BUILD) $(FUZZ_BUILD) $(DEB_BUILD) $(MUTANT_BUILD)

@@ -19,10 +19,12 @@ fail() { echo "package: $*" >&2; result FAIL; exit 1; }
 (cd "$TOP" && git ls-files -z | xargs -0 cp --parents -t "$OUT/src") ||
   fail "cannot copy the source tree"
 
-# 2. Build, with the tests (dh_auto_test runs meson test).
-(cd "$OUT/src" && dpkg-buildpackage -us -uc -b) > "$OUT/build.log" 2>&1 ||
+# 2. Build.  The in-package test run is off (nocheck): make check's other
+# stages ran every test on this tree already.  A plain dpkg-buildpackage
+# still runs them, as Debian expects (debian/rules).
+(cd "$OUT/src" && DEB_BUILD_OPTIONS="nocheck ${DEB_BUILD_OPTIONS:-}" \
+   dpkg-buildpackage -us -uc -b) > "$OUT/build.log" 2>&1 ||
   { tail -60 "$OUT/build.log"; fail "dpkg-buildpackage failed (log: $OUT/build.log)"; }
-grep -E '^ *[0-9]+/[0-9]+ .*(OK|SKIP|FAIL)' "$OUT/build.log" | sed 's/^/  build test: /'
 ls "$OUT"/*.deb || fail "no packages"
 
 # 3. lintian: no errors (warnings are shown).
