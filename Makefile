@@ -37,8 +37,8 @@ DEBS = gcc pkg-config meson ninja-build python3 \
 
 STAGES = normal valgrind san tsan fuzz mutants deb
 
-.PHONY: all deps build demo check check-stages $(addprefix check-,$(STAGES)) \
-        install clean
+.PHONY: all deps build demo check check-stages check-lane-a check-lane-b \
+        $(addprefix check-,$(STAGES)) install clean
 
 all: build
 
@@ -101,7 +101,7 @@ check-san: deps $(SAN_BUILD)/build.ninja
 	ACLONE_TEST_PRELOAD="$$(gcc -print-file-name=libasan.so)" \
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 \
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	ACLONE_STRESS_SECONDS=4 \
+	ACLONE_STRESS_SECONDS=4 ACLONE_KILL_ROUNDS=12 \
 	  $(MESON_TEST) -C $(SAN_BUILD) $(SAN_TESTS)
 
 # ThreadSanitizer: the unit tests and the concurrency test (4 clients and
@@ -136,16 +136,28 @@ check-fuzz: deps $(FUZZ_BUILD)/build.ninja
 check-deb: deps
 	bash tests/package.sh $(DEB_BUILD)
 
-# Every stage runs even when one fails (-k); a stage that fails before it
-# writes its results (a build error) leaves no log, which the summary
-# counts as a failure.
+# The stages run in two lanes side by side (two cores; most integration
+# tests wait on servers rather than compute, and every test is meant to
+# pass on a loaded machine), each lane in order.  Every stage runs even
+# when one fails (-k); a stage that fails before it writes its results (a
+# build error) leaves no log, which the summary counts as a failure.
+# Each lane's output is shown when it ends (-O).
+LANE_A = normal valgrind tsan
+LANE_B = san fuzz mutants deb
+
 check: build
 	@rm -f $(foreach s,$(STAGES),$(LOG_$(s)))
-	@$(MAKE) --no-print-directory -k check-stages; rc=$$?; \
+	@$(MAKE) --no-print-directory -k -j2 -Orecurse check-lane-a check-lane-b; rc=$$?; \
 	 python3 tests/summary.py $(foreach s,$(STAGES),$(s)=$(LOG_$(s))) | \
 	   sed 's/^\([0-9]* passed\)/all: \1/'; \
 	 [ $$rc = 0 ] && [ $${PIPESTATUS[0]} = 0 ]
 
+check-lane-a:
+	@$(MAKE) --no-print-directory -k -j1 $(addprefix check-,$(LANE_A))
+check-lane-b:
+	@$(MAKE) --no-print-directory -k -j1 $(addprefix check-,$(LANE_B))
+
+# All stages one after the other.
 check-stages: $(addprefix check-,$(STAGES))
 
 # Mutation check: each patch in tests/mutants/ breaks one rule on purpose;

@@ -10,7 +10,7 @@ OUT=$(realpath -m "${1:-build-deb}")
 TOP=$(cd "$(dirname "$0")/.." && pwd)
 rm -rf "$OUT" && mkdir -p "$OUT/src"
 result() {
-  printf '{"name": "deb", "result": "%s"}\n' "$1" > "$OUT/testlog.json"
+  printf '{"name": "deb", "result": "%s", "duration": %d}\n' "$1" "$SECONDS" > "$OUT/testlog.json"
   [ "$1" = OK ]
 }
 fail() { echo "package: $*" >&2; result FAIL; exit 1; }

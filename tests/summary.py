@@ -64,6 +64,7 @@ def main(args):
             print("stage %-9s FAILED: no test results in %s" % (stage, path))
             continue
         sp = sf = ss = 0
+        seconds = sum(r.get("duration") or 0 for r in records)
         for r in records:
             name, result = r.get("name", "?"), r.get("result")
             out = (r.get("stdout") or "") + "\n" + (r.get("stderr") or "")
@@ -82,7 +83,8 @@ def main(args):
                 continue
             for what, reason in skips_in(out):
                 skip_lines.append("%s: %s: %s" % (stage, what, reason))
-        print("stage %-9s %d passed, %d failed, %d skipped" % (stage, sp, sf, ss))
+        print("stage %-9s %d passed, %d failed, %d skipped  (%.0f s of tests)"
+              % (stage, sp, sf, ss, seconds))
         passed, failed, skipped = passed + sp, failed + sf, skipped + ss
     for line in failures:
         print("FAILED  " + line)
