@@ -1,5 +1,5 @@
 /* aclone: attach an NBD export to a kernel NBD device and keep it
- * attached across server restarts (`aclone attach`, see src/attach.c).
+ * attached across server restarts (`aclone attach`, see src/attach/attach.c).
  */
 #ifndef ACLONE_ATTACH_H
 #define ACLONE_ATTACH_H

@@ -21,19 +21,4 @@ struct aclone_error {
 int aclone_error_set (struct aclone_error *e, int errnum, const char *fmt, ...)
   __attribute__ ((format (printf, 3, 4)));
 
-/* CRC-32C (Castagnoli) of len bytes, used for the metadata header. */
-unsigned aclone_crc32c (const void *buf, size_t len);
-
-/* Parse "64K", "1M", "2G", "512" (binary suffixes, case-insensitive).
- * Returns -1 on a malformed or overflowing string.
- */
-long long aclone_parse_size (const char *str);
-
-/* Parse 1/0, true/false, yes/no, on/off (any case): 1, 0, or -1. */
-int aclone_parse_bool (const char *str);
-
-/* Monotonic and wall clocks in nanoseconds. */
-unsigned long long aclone_now_ns (void);
-unsigned long long aclone_wall_ns (void);
-
 #endif

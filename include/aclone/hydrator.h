@@ -1,7 +1,8 @@
 /* aclone: the background hydrator (aclone-design(7), "THREADS AND LOCKS").
  *
- * One worker thread per clone copies every region that is not hydrated
- * from the source to dest, then commits and marks the clone complete.
+ * Copy workers (one thread per core, up to 4) copy every region that is
+ * not hydrated from the source to dest; then one of them commits and
+ * marks the clone complete.
  * It is steered through the live page's control fields (pause, rate,
  * depth), which "aclone pause|resume|set" write and it polls.
  */
@@ -29,16 +30,16 @@ struct aclone_hydrator_config {
 
 #define ACLONE_HYDRATOR_MAX_DEPTH 1024
 
-/* Start the worker thread (after nbdkit's fork).  Does nothing for a
- * complete clone.
+/* Start the copy workers (after nbdkit's fork).  Does nothing for a
+ * clone that is not hydrating.
  */
 int aclone_hydrator_start (struct aclone_clone *c,
                            const struct aclone_hydrator_config *cfg,
                            struct aclone_error *err);
 
-/* Stop and join the worker: copies in flight to dest are finished, reads
- * in flight from the source are abandoned (their regions stay
- * unhydrated).  Safe when not started.
+/* Stop and join the workers: copies in flight to dest are finished,
+ * reads in flight from the source get up to a second, then are abandoned
+ * (their regions stay unhydrated).  Safe when not started.
  */
 void aclone_hydrator_stop (struct aclone_clone *c);
 

@@ -8,11 +8,12 @@
  * Bits only ever go from 0 to 1, except the dirty bits, which a commit
  * swaps out (aclone_map_take_dirty) and gives back if it fails.
  *
- * Region locks (invariant 3 of aclone-design(7)) are logical: a range of regions
- * is locked by whoever is copying into it or writing it while it is not
- * hydrated.  They are not mutexes and may be held across I/O.  A thread
- * holds at most one range at a time, so there is no lock ordering to get
- * wrong; the hydrator only ever try-locks.
+ * Region locks (invariant 3 of aclone-design(7)) are logical: a range
+ * of regions is locked by whoever is copying into it or writing it while
+ * it is not hydrated.  They are not mutexes and may be held across I/O.
+ * A client request holds at most one range at a time; a copy worker holds
+ * up to its depth of ranges, but takes every one with try-lock and never
+ * waits while holding one, so there is no lock order to get wrong.
  */
 #ifndef ACLONE_MAP_H
 #define ACLONE_MAP_H

@@ -194,6 +194,11 @@ void aclone_meta_written_ahead (struct aclone_meta *m, uint64_t first,
  */
 bool aclone_meta_in_use (const char *path);
 
+/* How many regions have their committed bit set (which: 0 hydrated,
+ * 1 written); bits past the last region do not count.
+ */
+uint64_t aclone_meta_count (const struct aclone_meta *m, int which);
+
 /* Test a committed bit. */
 bool aclone_meta_bit (const struct aclone_meta *m, int which, uint64_t region);
 

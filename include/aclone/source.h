@@ -15,6 +15,7 @@
 #include <stddef.h>
 
 #include "aclone/error.h"
+#include "aclone/clock.h"
 
 /* Extent callback: called in offset order; zero is true when the source
  * says the range reads as zeroes.  Return non-zero to stop early.

@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "aclone/meta.h"
+#include "aclone/crc32c.h"
 
 static char path[64];
 

@@ -56,6 +56,25 @@ def wait_for(pred, timeout, what, interval=0.02):
         time.sleep(interval)
 
 
+def listening(sock):
+    """Does a server listen on this Unix socket yet?  The socket file
+    appears at bind(), before listen(), so its existence is not enough;
+    and a probe connection would be a client (for a socket-activated
+    service, one that starts it).  /proc/net/unix says it without one:
+    flag __SO_ACCEPTCON (0x10000) marks a listening socket."""
+    path = os.path.realpath(sock)
+    try:
+        with open("/proc/net/unix") as f:
+            next(f)
+            for line in f:
+                w = line.split()
+                if len(w) >= 8 and w[7] in (sock, path) and int(w[3], 16) & 0x10000:
+                    return True
+    except OSError:
+        pass
+    return False
+
+
 class Daemon:
     """A server process a test started: output in NAME.log in the test's
     directory, started and stopped with bounded waits.  ready() says when

@@ -1,11 +1,12 @@
 """Integration: bad configuration and metadata get one clear line naming
 the file or URI at fault, a non-zero exit, and nothing modified."""
+import json
 import os
 import struct
 import subprocess
 import unittest
 
-from harness import (CloneTest, PLUGIN, SANITIZED, SANITIZER_ENV, main,
+from harness import (CLI, CloneTest, PLUGIN, SANITIZED, SANITIZER_ENV, main,
                      patch_header, sha, write_random_file)
 
 MiB = 1 << 20
@@ -131,15 +132,35 @@ class BadInputTest(CloneTest):
     def test_block_size_invalid(self):
         m = os.path.join(self.tmp, "new.meta")
         d = os.path.join(self.tmp, "new.img")
-        for bs in ("3000", "2K", "32M", "junk"):
+        for bs in ("3000", "2K", "32M", "12K"):
             self.run_bad(self.std(dest=d, meta=m, block_size=bs), "block-size",
                          dest=d, meta=m)
+        # Sizes and booleans are nbdkit's own parsers: their messages.
+        self.run_bad(self.std(dest=d, meta=m, block_size="junk"),
+                     "size string (junk)", dest=d, meta=m)
 
     def test_bad_values(self):
-        self.run_bad(self.std(hydrate="maybe"), "hydrate=maybe")
-        self.run_bad(self.std(copy_on_read="2"), "copy-on-read=2")
+        self.run_bad(self.std(hydrate="maybe"), "boolean (maybe)")
+        self.run_bad(self.std(copy_on_read="2"), "boolean (2)")
         self.run_bad(self.std(source_connections="0"), "source-connections")
-        self.run_bad(self.std(hydrate_rate="fast"), "hydrate-rate=fast")
+        self.run_bad(self.std(hydrate_rate="fast"), "size string (fast)")
+        self.run_bad(self.std(hydrate_depth="5000"), "hydrate-depth")
+
+    def test_nbdkit_spellings(self):
+        """Sizes and booleans mean what they mean in every nbdkit plugin."""
+        for params in (["block-size=64k", "copy-on-read=on", "hydrate=no"],
+                       ["block-size=65536", "copy-on-read=yes", "hydrate=off",
+                        "hydrate-rate=1M", "hydrate-batch=256k"]):
+            m = os.path.join(self.tmp, "n%d.meta" % len(params))
+            d = os.path.join(self.tmp, "n%d.img" % len(params))
+            c = self.clone(self.src, name="n%d" % len(params), dest=d, meta=m,
+                           **dict(p.replace("-", "_").split("=") for p in params))
+            out = subprocess.run([CLI, "status", "--json", m], capture_output=True,
+                                 text=True, timeout=30, env=dict(os.environ, **SANITIZER_ENV))
+            st = json.loads(out.stdout)
+            self.assertEqual(st["block_size"], 65536)
+            self.assertEqual(st["state"], "paused")
+            c.stop()
 
     def test_unknown_parameter(self):
         self.run_bad(self.std() + ["frobnicate=1"], "frobnicate")

@@ -2,6 +2,7 @@
 clients (issue 2).  Hydration is off (hydrate=false) where a test needs
 regions to stay unhydrated, so that the foreground paths are exercised."""
 import os
+import re
 import signal
 import subprocess
 import time
@@ -309,10 +310,22 @@ class DeviceTest(CloneTest):
         for k in ("source=", "dest=", "meta=", "block-size=", "copy-on-read=",
                   "hydrate-rate="):
             self.assertIn(k, p.stdout)
+        helped = set(re.findall(r"^([a-z-]+)=", p.stdout, re.M))
         p = subprocess.run(["nbdkit", PLUGIN, "--dump-plugin"], capture_output=True,
                            text=True, timeout=30, env=env)
-        self.assertIn("aclone_params=", p.stdout)
         self.assertIn("thread_model=parallel", p.stdout)
+        params = re.search(r"^aclone_params=(.*)$", p.stdout, re.M).group(1).split(",")
+        # One table in the plugin: --help, the man page and README list
+        # the same parameters as --dump-plugin, in the same order.
+        top = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+        with open(os.path.join(top, "man", "nbdkit-aclone-plugin.1")) as f:
+            man = f.read()
+        section = man[man.index(".SH PARAMETERS"):man.index(".SH NBD SEMANTICS")]
+        with open(os.path.join(top, "README.md")) as f:
+            readme = f.read()
+        self.assertEqual(helped, set(params))
+        self.assertEqual(re.findall(r"^\.BI ([a-z-]+)=", section, re.M), params)
+        self.assertEqual(re.findall(r"^\| `([a-z-]+)=", readme, re.M), params)
         p = cli("--version")
         self.assertRegex(p.stdout, r"^aclone \d+\.\d+")
         self.assertEqual(cli("bogus", check=False).returncode, 2)

@@ -21,8 +21,8 @@ import signal
 
 import nbd
 
-from harness import (CloneTest, Daemon, cli, main, sha, status, wait_for,
-                     write_random_file)
+from harness import (CloneTest, Daemon, cli, listening, main, sha, status,
+                     wait_for, write_random_file)
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -44,7 +44,7 @@ class QemuNbd(Daemon):
         # connections (the pool, the hydrator's), the default allows one.
         cmd = ["qemu-nbd", "-f", "raw", "-r", "-t", "-e", "32",
                "-k", self.sock] + list(extra) + [path]
-        super().__init__(tmp, name, cmd, lambda: os.path.exists(self.sock),
+        super().__init__(tmp, name, cmd, lambda: listening(self.sock),
                          preexec_fn=_die_with_parent)
 
     @property

@@ -15,7 +15,7 @@ import unittest
 
 import nbd
 
-from harness import (CloneTest, PLUGIN, PROMPT, SANITIZER_ENV,
+from harness import (CloneTest, PLUGIN, PROMPT, SANITIZER_ENV, listening,
                      SANITIZER_MARKERS, main,
                      read_all, status, wait_for, write_random_file)
 
@@ -97,7 +97,7 @@ class SystemdTest(CloneTest):
         p = subprocess.Popen(["systemd-socket-activate", "-l", sock] + setenv + argv,
                              stdout=log, stderr=subprocess.STDOUT)
         self.cleanups.append(lambda: (p.poll() is None and p.kill(), p.wait(10)))
-        wait_for(lambda: os.path.exists(sock), 10, "the socket")
+        wait_for(lambda: listening(sock), 10, "the socket to listen")
         return p
 
     def log(self):

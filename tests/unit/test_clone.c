@@ -17,7 +17,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "aclone/clone.h"
+#include "clone-internal.h"
 #include "aclone/hydrator.h"
 #include "fakes.h"
 

@@ -38,7 +38,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "aclone/clone.h"
+#include "clone-internal.h"
 #include "aclone/hydrator.h"
 #include "fakes.h"
 

@@ -68,12 +68,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/param.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <bsd/string.h>
 
-#include "aclone/clone.h"
+#include "clone-internal.h"
 
 /* Largest run one foreground copy locks and buffers. */
 #define COPY_MAX_BYTES (32u << 20)
@@ -81,8 +82,6 @@
 /* How long copy-on-read pauses after its dest write failed. */
 #define COR_BACKOFF_NS 1000000000ull
 
-#define MIN(a, b) ((a) < (b) ? (a) : (b))
-#define MAX(a, b) ((a) > (b) ? (a) : (b))
 
 /* Byte range of regions [first, first+count). */
 static uint64_t
@@ -133,6 +132,18 @@ aclone_clone_error (struct aclone_clone *c, const char *fmt, ...)
   pthread_mutex_unlock (&c->err_lock);
   if (c->log)
     c->log (c->log_opaque, 2, msg);
+}
+
+enum aclone_mode
+aclone_clone_mode (struct aclone_clone *c)
+{
+  return (enum aclone_mode) atomic_load_explicit (&c->mode, memory_order_acquire);
+}
+
+uint64_t
+aclone_clone_size (const struct aclone_clone *c)
+{
+  return c->size;
 }
 
 void
@@ -983,6 +994,118 @@ aclone_clone_start (struct aclone_clone *c, struct aclone_error *err)
 
 /* Open ------------------------------------------------------------- */
 
+/* Step 1 of open, for a clone that exists: open and lock its metadata
+ * file and check it against the source and the options.  *size and
+ * *region_size receive the clone's.
+ */
+static int
+open_existing_meta (const struct aclone_clone_config *cfg,
+                    const struct aclone_source *src, struct aclone_meta **out,
+                    uint64_t *size, uint32_t *region_size,
+                    struct aclone_error *err)
+{
+  struct aclone_meta *meta;
+  int r = aclone_meta_open (cfg->meta_path, ACLONE_META_SERVER, &meta, err);
+
+  if (r < 0)
+    return r;
+  if (*region_size && *region_size != meta->hdr.region_size)
+    r = aclone_error_set (err, 0, "meta %s: region size is %u, block-size=%u "
+                          "differs (it applies only to new clones)",
+                          cfg->meta_path, meta->hdr.region_size, *region_size);
+  else if (src && src->size != meta->hdr.size)
+    r = aclone_error_set (err, 0, "meta %s: device size is %llu but source %s "
+                          "is %llu bytes", cfg->meta_path,
+                          (unsigned long long) meta->hdr.size, src->desc,
+                          (unsigned long long) src->size);
+  else if (!src && !(meta->hdr.flags & ACLONE_FLAG_COMPLETE))
+    r = aclone_error_set (err, 0, "meta %s: the clone is not complete, "
+                          "source= is required", cfg->meta_path);
+  if (r < 0) {
+    aclone_meta_close (meta);
+    return r;
+  }
+  *region_size = meta->hdr.region_size;
+  *size = meta->hdr.size;
+  *out = meta;
+  return 0;
+}
+
+/* Load the committed bitmaps into the map.  pread, not the mapping:
+ * page-faulting through 2 MiB bitmaps of a 1 TiB clone costs more than
+ * copying them.
+ */
+static int
+load_bitmaps (struct aclone_clone *c, struct aclone_error *err)
+{
+  struct aclone_meta *meta = c->meta;
+  size_t len = meta->hdr.bitmap_len;
+  uint64_t *hb = malloc (len), *wb = malloc (len);
+  int r = 0;
+
+  if (!hb || !wb ||
+      pread (meta->fd, hb, len, meta->hdr.hydrated_off) != (ssize_t) len ||
+      pread (meta->fd, wb, len, meta->hdr.written_off) != (ssize_t) len)
+    r = aclone_error_set (err, errno ? errno : EIO, "meta %s: read bitmaps",
+                          meta->path);
+  else
+    aclone_map_load (&c->map, hb, wb);
+  free (hb);
+  free (wb);
+  return r;
+}
+
+/* Step 3 of open: the in-core clone over meta and dest (which it then
+ * owns), with its map loaded, mode set and counters carried on.
+ */
+static int
+clone_new (const struct aclone_clone_config *cfg, struct aclone_meta *meta,
+           struct aclone_dest *dest, uint64_t size, uint32_t region_size,
+           bool meta_existed, aclone_log_fn log, void *log_opaque,
+           struct aclone_clone **out, struct aclone_error *err)
+{
+  struct aclone_clone *c = calloc (1, sizeof *c);
+  int r;
+
+  if (!c)
+    return aclone_error_set (err, ENOMEM, "meta %s", cfg->meta_path);
+  c->meta = meta;
+  c->dest = dest;
+  c->size = size;
+  c->region_size = region_size;
+  c->copy_on_read = cfg->copy_on_read;
+  c->log = log;
+  c->log_opaque = log_opaque;
+  pthread_mutex_init (&c->commit_lock, NULL);
+  pthread_rwlock_init (&c->src_lock, NULL);
+  pthread_mutex_init (&c->err_lock, NULL);
+  pthread_mutex_init (&c->tick_lock, NULL);
+  pthread_cond_init (&c->tick_cond, NULL);
+  r = aclone_map_init (&c->map, size, __builtin_ctz (region_size));
+  if (r < 0) {
+    aclone_error_set (err, -r, "meta %s: region map", cfg->meta_path);
+    goto fail;
+  }
+  if (meta_existed && (r = load_bitmaps (c, err)) < 0)
+    goto fail;
+  atomic_store (&c->mode, (meta->hdr.flags & ACLONE_FLAG_COMPLETE)
+                         ? ACLONE_MODE_COMPLETE : ACLONE_MODE_HYDRATING);
+  atomic_store (&c->dest_zero,
+                dest->created || (meta->hdr.flags & ACLONE_FLAG_DEST_ZERO));
+  if (meta->live->magic == ACLONE_LIVE_MAGIC) {
+    atomic_store (&c->bytes_copied, meta->live->bytes_copied);
+    atomic_store (&c->bytes_skipped, meta->live->bytes_skipped);
+    atomic_store (&c->errors, meta->live->errors);
+  }
+  *out = c;
+  return 0;
+
+ fail:
+  aclone_map_free (&c->map);
+  free (c);
+  return r;
+}
+
 int
 aclone_clone_open (const struct aclone_clone_config *cfg,
                    struct aclone_source *src, aclone_log_fn log,
@@ -1007,29 +1130,9 @@ aclone_clone_open (const struct aclone_clone_config *cfg,
     return aclone_error_set (err, errno, "meta %s", cfg->meta_path);
 
   if (meta_exists) {
-    r = aclone_meta_open (cfg->meta_path, ACLONE_META_SERVER, &meta, err);
+    r = open_existing_meta (cfg, src, &meta, &size, &region_size, err);
     if (r < 0)
       return r;
-    if (region_size && region_size != meta->hdr.region_size) {
-      r = aclone_error_set (err, 0, "meta %s: region size is %u, block-size=%u "
-                            "differs (it applies only to new clones)",
-                            cfg->meta_path, meta->hdr.region_size, region_size);
-      goto fail;
-    }
-    region_size = meta->hdr.region_size;
-    if (src && src->size != meta->hdr.size) {
-      r = aclone_error_set (err, 0, "meta %s: device size is %llu but source %s "
-                            "is %llu bytes", cfg->meta_path,
-                            (unsigned long long) meta->hdr.size, src->desc,
-                            (unsigned long long) src->size);
-      goto fail;
-    }
-    if (!src && !(meta->hdr.flags & ACLONE_FLAG_COMPLETE)) {
-      r = aclone_error_set (err, 0, "meta %s: the clone is not complete, "
-                            "source= is required", cfg->meta_path);
-      goto fail;
-    }
-    size = meta->hdr.size;
   }
   else {
     if (!src)
@@ -1064,63 +1167,21 @@ aclone_clone_open (const struct aclone_clone_config *cfg,
   }
 
   /* 3. Build the in-core state. */
-  c = calloc (1, sizeof *c);
-  if (!c) {
-    r = aclone_error_set (err, ENOMEM, "meta %s", cfg->meta_path);
+  r = clone_new (cfg, meta, dest, size, region_size, meta_exists, log,
+                 log_opaque, &c, err);
+  if (r < 0)
     goto fail;
-  }
-  c->meta = meta;
-  c->dest = dest;
-  c->size = size;
-  c->region_size = region_size;
-  c->copy_on_read = cfg->copy_on_read;
-  c->log = log;
-  c->log_opaque = log_opaque;
-  pthread_mutex_init (&c->commit_lock, NULL);
-  pthread_rwlock_init (&c->src_lock, NULL);
-  pthread_mutex_init (&c->err_lock, NULL);
-  pthread_mutex_init (&c->tick_lock, NULL);
-  pthread_cond_init (&c->tick_cond, NULL);
-  r = aclone_map_init (&c->map, size, __builtin_ctz (region_size));
-  if (r < 0) {
-    aclone_error_set (err, -r, "meta %s: region map", cfg->meta_path);
-    goto fail_c;
-  }
-  if (meta_exists) {
-    /* pread, not the mapping: page-faulting through 2 MiB bitmaps of a
-     * 1 TiB clone costs more than copying them.
-     */
-    size_t len = meta->hdr.bitmap_len;
-    uint64_t *hb = malloc (len), *wb = malloc (len);
-    if (!hb || !wb ||
-        pread (meta->fd, hb, len, meta->hdr.hydrated_off) != (ssize_t) len ||
-        pread (meta->fd, wb, len, meta->hdr.written_off) != (ssize_t) len) {
-      free (hb);
-      free (wb);
-      r = aclone_error_set (err, errno ? errno : EIO, "meta %s: read bitmaps",
-                            cfg->meta_path);
-      goto fail_c;
-    }
-    aclone_map_load (&c->map, hb, wb);
-    free (hb);
-    free (wb);
-  }
-  atomic_store (&c->mode, (meta->hdr.flags & ACLONE_FLAG_COMPLETE)
-                         ? ACLONE_MODE_COMPLETE : ACLONE_MODE_HYDRATING);
-  atomic_store (&c->dest_zero,
-                dest->created || (meta->hdr.flags & ACLONE_FLAG_DEST_ZERO));
-  if (meta->live->magic == ACLONE_LIVE_MAGIC) {
-    atomic_store (&c->bytes_copied, meta->live->bytes_copied);
-    atomic_store (&c->bytes_skipped, meta->live->bytes_skipped);
-    atomic_store (&c->errors, meta->live->errors);
-  }
-  /* The dest-zero promise holds only while this server is not running:
-   * withdraw it now, and give it back at a clean stop.
+
+  /* 4. The dest-zero promise holds only while no server runs: withdraw
+   * it now, and give it back at a clean stop.
    */
   if (meta->hdr.flags & ACLONE_FLAG_DEST_ZERO) {
     r = aclone_meta_set_flags (meta, meta->hdr.flags & ~ACLONE_FLAG_DEST_ZERO, err);
-    if (r < 0)
-      goto fail_c;
+    if (r < 0) {
+      aclone_map_free (&c->map);
+      free (c);
+      goto fail;
+    }
   }
   if (aclone_clone_mode (c) == ACLONE_MODE_COMPLETE && src) {
     aclone_source_close (src);     /* not needed any more */
@@ -1130,11 +1191,6 @@ aclone_clone_open (const struct aclone_clone_config *cfg,
   *out = c;
   return 0;
 
- fail_c:
-  c->meta = NULL;
-  c->dest = NULL;
-  aclone_map_free (&c->map);
-  free (c);
  fail:
   aclone_dest_close (dest);
   aclone_meta_close (meta);

@@ -17,6 +17,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/param.h>
+
+#include <bsd/libutil.h>
+#include <bsd/stdlib.h>
+#include <json-c/json.h>
+#include <math.h>
 #include <time.h>
 #include <unistd.h>
 #include <endian.h>
@@ -28,10 +34,10 @@
 #include "aclone/map.h"
 #include "aclone/meta.h"
 #include "aclone/source.h"
+#include "aclone/verify.h"
 #include "config.h"
 
 #define EXIT_USAGE 2
-#define MIN_U64(a, b) ((a) < (b) ? (a) : (b))
 
 static const char usage_text[] =
   "Usage: aclone COMMAND [OPTIONS] META\n"
@@ -123,19 +129,6 @@ live_u64 (const uint64_t *p)
   return __atomic_load_n (p, __ATOMIC_RELAXED);
 }
 
-static uint64_t
-committed_hydrated (const struct aclone_meta *m)
-{
-  uint64_t n = 0, words = (m->hdr.regions + 63) / 64;
-  for (uint64_t i = 0; i < words; i++) {
-    uint64_t w = le64toh (m->hydrated[i]);
-    if (i == words - 1 && m->hdr.regions % 64)
-      w &= (UINT64_C (1) << (m->hdr.regions % 64)) - 1;
-    n += __builtin_popcountll (w);
-  }
-  return n;
-}
-
 static void
 read_status (const char *path, const struct aclone_meta *m, struct status *s)
 {
@@ -146,7 +139,7 @@ read_status (const char *path, const struct aclone_meta *m, struct status *s)
   s->hdr = m->hdr;
   sanitize_text (s->hdr.source);
   s->in_use = aclone_meta_in_use (path);
-  s->hydrated = committed_hydrated (m);
+  s->hydrated = aclone_meta_count (m, ACLONE_BIT_HYDRATED);
   if (live_ok) {
     if (s->in_use) {
       uint64_t h = live_u64 (&l->regions_hydrated);
@@ -188,34 +181,51 @@ read_status (const char *path, const struct aclone_meta *m, struct status *s)
            : s->rate && s->in_use ? (int64_t) (left / s->rate) : -1;
 }
 
+/* The CLI's one parser of whole numbers (libbsd's strtonum): 0 to max.
+ * Reports a bad value itself, naming what it is for.
+ */
+static int
+parse_number (const char *what, const char *s, unsigned max, unsigned *out)
+{
+  const char *why = NULL;
+  long long v = strtonum (s, 0, max, &why);
+
+  if (why) {
+    fprintf (stderr, "aclone: %s %s: %s (a whole number from 0 to %u)\n",
+             what, s, why, max);
+    return -1;
+  }
+  *out = (unsigned) v;
+  return 0;
+}
+
+/* v bytes for people: "512 B", "1.5 MiB", "64 GiB" (libbsd). */
 static const char *
 human (uint64_t v, char *buf, size_t len)
 {
-  const char *unit[] = { "B", "KiB", "MiB", "GiB", "TiB", "PiB" };
-  double d = v;
-  int i = 0;
-  while (d >= 1024 && i < 5) {
-    d /= 1024;
-    i++;
-  }
-  snprintf (buf, len, i ? "%.1f %s" : "%.0f %s", d, unit[i]);
+  /* The width decides the scale: four digits, a space, "Mi", "B". */
+  if (humanize_number (buf, MIN (len, 9), (int64_t) MIN (v, (uint64_t) INT64_MAX), "B",
+                       HN_AUTOSCALE, HN_DECIMAL | HN_IEC_PREFIXES) < 0)
+    snprintf (buf, len, "%llu B", (unsigned long long) v);
   return buf;
 }
 
+/* Print a JSON object (json-c) on one line and free it.  Strings in it
+ * come from the metadata file, which the CLI does not trust: they were
+ * reduced to well-formed UTF-8 (sanitize_text) before they got here.
+ */
 static void
-json_string (const char *s)
+json_print (struct json_object *o)
 {
-  putchar ('"');
-  for (; *s; s++) {
-    unsigned char ch = *s;
-    if (ch == '"' || ch == '\\')
-      printf ("\\%c", ch);
-    else if (ch < 0x20)
-      printf ("\\u%04x", ch);
-    else
-      putchar (ch);
-  }
-  putchar ('"');
+  puts (json_object_to_json_string_ext (o, JSON_C_TO_STRING_SPACED |
+                                            JSON_C_TO_STRING_NOSLASHESCAPE));
+  json_object_put (o);
+}
+
+static void
+json_add_u64 (struct json_object *o, const char *key, uint64_t v)
+{
+  json_object_object_add (o, key, json_object_new_uint64 (v));
 }
 
 static int
@@ -272,22 +282,25 @@ cmd_status (int argc, char **argv)
   aclone_meta_close (m);
 
   if (json) {
-    printf ("{\"size\": %llu, \"block_size\": %u, \"regions\": %llu, "
-            "\"hydrated\": %llu, \"percent\": %.2f, \"bytes_copied\": %llu, "
-            "\"bytes_skipped\": %llu, \"in_flight\": %llu, \"state\": \"%s\", "
-            "\"pid\": %lld, \"rate\": %llu, \"eta_seconds\": %lld, "
-            "\"updated\": %.3f, \"errors\": %llu, \"last_error\": ",
-            (unsigned long long) s.hdr.size, s.hdr.region_size,
-            (unsigned long long) s.hdr.regions, (unsigned long long) s.hydrated,
-            s.percent, (unsigned long long) s.bytes_copied,
-            (unsigned long long) s.bytes_skipped,
-            (unsigned long long) s.in_flight, s.state, (long long) s.pid,
-            (unsigned long long) s.rate, (long long) s.eta, s.updated,
-            (unsigned long long) s.errors);
-    json_string (s.last_error);
-    printf (", \"source\": ");
-    json_string (s.hdr.source);
-    printf ("}\n");
+    struct json_object *o = json_object_new_object ();
+    json_add_u64 (o, "size", s.hdr.size);
+    json_add_u64 (o, "block_size", s.hdr.region_size);
+    json_add_u64 (o, "regions", s.hdr.regions);
+    json_add_u64 (o, "hydrated", s.hydrated);
+    json_object_object_add (o, "percent",
+                            json_object_new_double (round (s.percent * 100) / 100));
+    json_add_u64 (o, "bytes_copied", s.bytes_copied);
+    json_add_u64 (o, "bytes_skipped", s.bytes_skipped);
+    json_add_u64 (o, "in_flight", s.in_flight);
+    json_object_object_add (o, "state", json_object_new_string (s.state));
+    json_object_object_add (o, "pid", json_object_new_int64 (s.pid));
+    json_add_u64 (o, "rate", s.rate);
+    json_object_object_add (o, "eta_seconds", json_object_new_int64 (s.eta));
+    json_object_object_add (o, "updated", json_object_new_double (s.updated));
+    json_add_u64 (o, "errors", s.errors);
+    json_object_object_add (o, "last_error", json_object_new_string (s.last_error));
+    json_object_object_add (o, "source", json_object_new_string (s.hdr.source));
+    json_print (o);
     return EXIT_SUCCESS;
   }
 
@@ -359,7 +372,7 @@ cmd_inspect (int argc, char **argv)
   sanitize_text (source);
   printf ("source:        %s\n", source);
   printf ("hydrated:      %llu (committed)\n",
-          (unsigned long long) committed_hydrated (m));
+          (unsigned long long) aclone_meta_count (m, ACLONE_BIT_HYDRATED));
   printf ("layout:        live@%llu hydrated@%llu written@%llu bitmap %llu bytes, "
           "file %llu bytes\n",
           (unsigned long long) h->live_off, (unsigned long long) h->hydrated_off,
@@ -398,14 +411,12 @@ cmd_wait (int argc, char **argv)
   int c;
 
   while ((c = getopt_long (argc, argv, "", opts, NULL)) != -1) {
-    if (c == 't') {
-      char *end;
-      timeout = strtod (optarg, &end);
-      if (*end || timeout < 0)
-        return usage ("wait: --timeout takes a number of seconds");
-    }
-    else
+    unsigned seconds;
+    if (c != 't')
       return usage (NULL);
+    if (parse_number ("--timeout", optarg, 86400 * 365, &seconds) < 0)
+      return EXIT_USAGE;
+    timeout = seconds;
   }
   if (optind != argc - 1)
     return usage ("wait: expected one META file");
@@ -517,15 +528,15 @@ cmd_set (int argc, char **argv)
     return usage ("set: expected META and rate=SIZE and/or depth=N");
   for (int i = 2; i < argc; i++) {
     if (strncmp (argv[i], "rate=", 5) == 0) {
-      rate = aclone_parse_size (argv[i] + 5);
-      if (rate < 0)
+      uint64_t v;
+      if (expand_number (argv[i] + 5, &v) < 0 || v > INT64_MAX)
         return usage ("set: rate= takes a size in bytes/s, like 50M");
+      rate = v;
     }
     else if (strncmp (argv[i], "depth=", 6) == 0) {
-      char *end;
-      long v = strtol (argv[i] + 6, &end, 10);
-      if (*end || end == argv[i] + 6 || v < 0 || v > 1024)
-        return usage ("set: depth= takes a number from 0 to 1024");
+      unsigned v;
+      if (parse_number ("depth=", argv[i] + 6, 1024, &v) < 0)
+        return EXIT_USAGE;
       depth = v;
     }
     else
@@ -533,51 +544,6 @@ cmd_set (int argc, char **argv)
   }
   return control (argv[1], NULL, rate >= 0 ? &rate : NULL,
                   depth >= 0 ? &depth : NULL);
-}
-
-/* verify: compare dest with the source for every region that is
- * committed hydrated and was never written by a client.
- */
-struct verify {
-  uint64_t compared, mismatched, written, unhydrated;
-  uint64_t *bad_off, *bad_len;
-  size_t nbad, capbad;
-};
-
-static void
-add_bad (struct verify *v, uint64_t off, uint64_t len)
-{
-  if (v->nbad && v->bad_off[v->nbad - 1] + v->bad_len[v->nbad - 1] == off) {
-    v->bad_len[v->nbad - 1] += len;        /* extend the last range */
-    return;
-  }
-  if (v->nbad == v->capbad) {
-    size_t nc = v->capbad ? 2 * v->capbad : 16;
-    uint64_t *o = realloc (v->bad_off, nc * sizeof *o);
-    if (o)
-      v->bad_off = o;
-    uint64_t *l = o ? realloc (v->bad_len, nc * sizeof *l) : NULL;
-    if (!l)
-      return;                              /* counted, not listed */
-    v->bad_len = l;
-    v->capbad = nc;
-  }
-  v->bad_off[v->nbad] = off;
-  v->bad_len[v->nbad++] = len;
-}
-
-static int
-parse_seconds (const char *what, const char *s, unsigned *out)
-{
-  char *end;
-  errno = 0;
-  unsigned long v = strtoul (s, &end, 10);
-  if (errno || *end || end == s || v > 86400) {
-    fprintf (stderr, "aclone: %s %s: expected seconds, 0 to 86400\n", what, s);
-    return -1;
-  }
-  *out = v;
-  return 0;
 }
 
 static int
@@ -600,11 +566,11 @@ cmd_attach (int argc, char **argv)
         return usage ("attach: --device takes /dev/nbdN");
       break;
     case 't':
-      if (parse_seconds ("--timeout", optarg, &cfg.timeout_s) < 0)
+      if (parse_number ("--timeout", optarg, 86400, &cfg.timeout_s) < 0)
         return EXIT_USAGE;
       break;
     case 'r':
-      if (parse_seconds ("--reconnect", optarg, &cfg.reconnect_s) < 0)
+      if (parse_number ("--reconnect", optarg, 86400, &cfg.reconnect_s) < 0)
         return EXIT_USAGE;
       break;
     default: return usage (NULL);
@@ -678,68 +644,28 @@ cmd_verify (int argc, char **argv)
     goto out;
   }
 
-  struct verify v = { 0 };
-  const uint64_t rs = m->hdr.region_size, chunk_regions = (8u << 20) / rs;
-  char *a = malloc (chunk_regions ? chunk_regions * rs : rs);
-  char *b = malloc (chunk_regions ? chunk_regions * rs : rs);
-  if (!a || !b) {
-    fprintf (stderr, "aclone: out of memory\n");
+  struct aclone_verify v;
+  if (aclone_verify_run (m, src, &d, &v, &err) < 0) {
+    fprintf (stderr, "aclone: %s\n", err.msg);
     rc = EXIT_FAILURE;
-    goto out_buf;
+    goto out_v;
   }
-  for (uint64_t r = 0; r < m->hdr.regions; ) {
-    if (!aclone_meta_bit (m, ACLONE_BIT_HYDRATED, r)) {
-      v.unhydrated++;
-      r++;
-      continue;
-    }
-    if (aclone_meta_bit (m, ACLONE_BIT_WRITTEN, r)) {
-      v.written++;
-      r++;
-      continue;
-    }
-    /* A run of copied, unwritten regions: compare it in one go. */
-    uint64_t n = 1;
-    while (n < (chunk_regions ? chunk_regions : 1) && r + n < m->hdr.regions &&
-           aclone_meta_bit (m, ACLONE_BIT_HYDRATED, r + n) &&
-           !aclone_meta_bit (m, ACLONE_BIT_WRITTEN, r + n))
-      n++;
-    uint64_t off = r * rs, len = MIN_U64 (n * rs, m->hdr.size - off);
-    int e = aclone_source_pread (src, a, len, off);
-    if (e < 0) {
-      fprintf (stderr, "aclone: source %s: read at %llu: %s\n", src->desc,
-               (unsigned long long) off, strerror (-e));
-      rc = EXIT_FAILURE;
-      goto out_buf;
-    }
-    e = aclone_dest_pread (&d, b, len, off);
-    if (e < 0) {
-      fprintf (stderr, "aclone: dest %s: read at %llu: %s\n", dest_path,
-               (unsigned long long) off, strerror (-e));
-      rc = EXIT_FAILURE;
-      goto out_buf;
-    }
-    for (uint64_t k = 0; k < n; k++) {
-      uint64_t o = k * rs, l = MIN_U64 (rs, len - o);
-      v.compared++;
-      if (memcmp (a + o, b + o, l) != 0) {
-        v.mismatched++;
-        add_bad (&v, off + o, l);
-      }
-    }
-    r += n;
-  }
-
   if (json) {
-    printf ("{\"regions\": %llu, \"compared\": %llu, \"mismatched\": %llu, "
-            "\"written\": %llu, \"unhydrated\": %llu, \"mismatches\": [",
-            (unsigned long long) m->hdr.regions, (unsigned long long) v.compared,
-            (unsigned long long) v.mismatched, (unsigned long long) v.written,
-            (unsigned long long) v.unhydrated);
-    for (size_t i = 0; i < v.nbad; i++)
-      printf ("%s{\"offset\": %llu, \"length\": %llu}", i ? ", " : "",
-              (unsigned long long) v.bad_off[i], (unsigned long long) v.bad_len[i]);
-    printf ("]}\n");
+    struct json_object *o = json_object_new_object ();
+    struct json_object *bad = json_object_new_array ();
+    json_add_u64 (o, "regions", m->hdr.regions);
+    json_add_u64 (o, "compared", v.compared);
+    json_add_u64 (o, "mismatched", v.mismatched);
+    json_add_u64 (o, "written", v.written);
+    json_add_u64 (o, "unhydrated", v.unhydrated);
+    for (size_t i = 0; i < v.nbad; i++) {
+      struct json_object *r = json_object_new_object ();
+      json_add_u64 (r, "offset", v.bad_off[i]);
+      json_add_u64 (r, "length", v.bad_len[i]);
+      json_object_array_add (bad, r);
+    }
+    json_object_object_add (o, "mismatches", bad);
+    json_print (o);
   }
   else {
     printf ("compared:      %llu regions (copied, never written)\n",
@@ -755,11 +681,8 @@ cmd_verify (int argc, char **argv)
   }
   if (v.mismatched)
     rc = EXIT_FAILURE;
- out_buf:
-  free (a);
-  free (b);
-  free (v.bad_off);
-  free (v.bad_len);
+ out_v:
+  aclone_verify_free (&v);
  out:
   if (d.fd >= 0)
     close (d.fd);

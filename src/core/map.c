@@ -225,8 +225,9 @@ overlaps (const struct aclone_map *m, uint64_t first, uint64_t count)
   return false;
 }
 
-/* Must be called with m->lock held and no overlap.  The list has room
- * for the worst case reserved in advance so that locking never fails.
+/* Must be called with m->lock held and no overlap.  The list grows by
+ * doubling; if realloc fails (memory pressure), the caller waits for an
+ * unlock and tries again rather than fail: locking has no error path.
  */
 static void
 insert (struct aclone_map *m, uint64_t first, uint64_t count)

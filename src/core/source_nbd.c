@@ -310,7 +310,7 @@ static int
 with_retry (struct nbd_source *s, struct call *c)
 {
   unsigned long long deadline = deadline_after (s->timeout_s);
-  unsigned long long backoff = 100000000ull;     /* 100 ms */
+  unsigned long long backoff = 0;
 
   for (;;) {
     if (atomic_load (&s->base.cancelled))
@@ -337,6 +337,7 @@ with_retry (struct nbd_source *s, struct call *c)
      * outage, back off, try again.
      */
     aclone_source_note_outage (&s->base);
+    backoff = aclone_backoff_next (backoff, 100000000ull, 2000000000ull);
     unsigned long long until = aclone_now_ns () + backoff;
     if (until > deadline)
       until = deadline;
@@ -353,7 +354,6 @@ with_retry (struct nbd_source *s, struct call *c)
     }
     if (aclone_now_ns () >= deadline)
       return -EIO;
-    backoff = backoff * 2 > 2000000000ull ? 2000000000ull : backoff * 2;
   }
 }
 

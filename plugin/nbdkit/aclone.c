@@ -43,6 +43,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <stdbool.h>
+#include <inttypes.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -60,17 +61,78 @@
 #include "aclone/source.h"
 #include "config.h"
 
+/* Parameters ------------------------------------------------------ */
+
 static char *source_uri;
 static char *dest_path;
 static char *meta_path;
-static uint32_t block_size;
+static uint64_t block_size;
 static bool copy_on_read = true;
 static unsigned source_connections = 4;
 static unsigned source_timeout = 30;
 static char *tls_certificates;
 static char *tls_psk_file;
 static bool tls_verify = true;
+static bool hydrate = true;
 static struct aclone_hydrator_config hcfg = ACLONE_HYDRATOR_DEFAULTS;
+
+/* One table drives config, config_help and dump_plugin; a test checks
+ * that the man page and README list the same parameters.  Each row:
+ * key, how to parse it, where it goes, its bounds, its --help text.
+ */
+enum param_kind { P_URI, P_PATH, P_SIZE, P_BOOL, P_UINT };
+
+#define ACLONE_PARAMS(P) \
+  P ("source", P_URI, &source_uri, 0, 0, \
+     "source=NBD_URI         Source export (nbd://, nbds://, nbd+unix://...).\n" \
+     "                       Optional once the clone is complete.\n") \
+  P ("dest", P_PATH, &dest_path, 0, 0, \
+     "dest=PATH              (required) Destination file or block device; a\n" \
+     "                       missing file is created sparse.\n") \
+  P ("meta", P_PATH, &meta_path, 0, 0, \
+     "meta=PATH              (required) Metadata file; created when missing,\n" \
+     "                       else the clone resumes from it.\n") \
+  P ("block-size", P_SIZE, &block_size, 4096, 16 << 20, \
+     "block-size=SIZE        Region size for a new clone, power of two,\n" \
+     "                       4K..16M (default 64K).\n") \
+  P ("copy-on-read", P_BOOL, &copy_on_read, 0, 0, \
+     "copy-on-read=BOOL      Reads of uncopied regions also hydrate them\n" \
+     "                       (default true).\n") \
+  P ("source-connections", P_UINT, &source_connections, 1, 64, \
+     "source-connections=N   Connections to the source (default 4; 1 when the\n" \
+     "                       source lacks multi-conn).\n") \
+  P ("source-timeout", P_UINT, &source_timeout, 1, 86400, \
+     "source-timeout=SECS    How long a source read may take, the source\n" \
+     "                       lost or hung, before EIO (default 30).\n") \
+  P ("source-tls-certificates", P_PATH, &tls_certificates, 0, 0, \
+     "source-tls-certificates=DIR  CA and client certificates for nbds://.\n") \
+  P ("source-tls-psk", P_PATH, &tls_psk_file, 0, 0, \
+     "source-tls-psk=FILE    Pre-shared keys file (user:hexkey) for nbds://.\n") \
+  P ("source-tls-verify", P_BOOL, &tls_verify, 0, 0, \
+     "source-tls-verify=BOOL Check the source's certificate (default true).\n") \
+  P ("hydrate", P_BOOL, &hydrate, 0, 0, \
+     "hydrate=BOOL           Run background hydration (default true; false\n" \
+     "                       starts paused: 'aclone resume META').\n") \
+  P ("hydrate-rate", P_SIZE, &hcfg.rate, 0, INT64_MAX, \
+     "hydrate-rate=SIZE      Hydration rate limit in bytes/s (default 0 =\n" \
+     "                       unlimited).\n") \
+  P ("hydrate-batch", P_SIZE, &hcfg.batch, 4096, 64 << 20, \
+     "hydrate-batch=SIZE     Largest copy in one request (default 1M; at most\n" \
+     "                       the source's maximum request, 32M if none).\n") \
+  P ("hydrate-depth", P_UINT, &hcfg.depth, 1, ACLONE_HYDRATOR_MAX_DEPTH, \
+     "hydrate-depth=N        Copies in flight (default 32).\n")
+
+struct param {
+  const char *key;
+  enum param_kind kind;
+  void *out;
+  uint64_t min, max;
+};
+
+#define PARAM_ROW(key, kind, out, min, max, help) { key, kind, out, min, max },
+static const struct param params[] = { ACLONE_PARAMS (PARAM_ROW) };
+#define PARAM_HELP(key, kind, out, min, max, help) help
+#define aclone_config_help ACLONE_PARAMS (PARAM_HELP)
 
 static struct aclone_clone *the_clone;
 
@@ -94,119 +156,63 @@ aclone_unload (void)
   free (tls_psk_file);
 }
 
+/* Parse one value into p->out; nbdkit's parsers report their own errors,
+ * so that sizes and booleans read as in every other nbdkit plugin.
+ */
 static int
-parse_size (const char *key, const char *value, uint64_t min, uint64_t max,
-            uint64_t *out)
+param_set (const struct param *p, const char *value)
 {
-  long long v = aclone_parse_size (value);
-  if (v < 0) {
-    nbdkit_error ("%s=%s: not a size (examples: 65536, 64K, 1M)", key, value);
-    return -1;
+  switch (p->kind) {
+  case P_URI:                  /* empty: none (an unset variable in the */
+    free (*(char **) p->out);  /* systemd unit's environment file) */
+    *(char **) p->out = NULL;
+    if (!*value)
+      return 0;
+    return (*(char **) p->out = strdup (value)) ? 0 : -1;
+  case P_PATH:                 /* absolute: nbdkit may chdir when it forks */
+    free (*(char **) p->out);
+    return (*(char **) p->out = nbdkit_absolute_path (value)) ? 0 : -1;
+  case P_BOOL: {
+    int b = nbdkit_parse_bool (value);
+    if (b < 0)
+      return -1;
+    *(bool *) p->out = b;
+    return 0;
   }
-  if ((uint64_t) v < min || (uint64_t) v > max) {
-    nbdkit_error ("%s=%s: out of range", key, value);
-    return -1;
+  case P_SIZE: {
+    int64_t v = nbdkit_parse_size (value);
+    if (v < 0)
+      return -1;
+    if ((uint64_t) v < p->min || (uint64_t) v > p->max) {
+      nbdkit_error ("%s=%s: must be from %" PRIu64 " to %" PRIu64,
+                    p->key, value, p->min, p->max);
+      return -1;
+    }
+    *(uint64_t *) p->out = v;
+    return 0;
   }
-  *out = v;
-  return 0;
-}
-
-static int
-parse_bool (const char *key, const char *value, bool *out)
-{
-  int b = aclone_parse_bool (value);
-  if (b < 0) {
-    nbdkit_error ("%s=%s: expected true or false", key, value);
-    return -1;
+  case P_UINT: {
+    unsigned v;
+    if (nbdkit_parse_unsigned (p->key, value, &v) < 0)
+      return -1;
+    if (v < p->min || v > p->max) {
+      nbdkit_error ("%s=%s: must be from %" PRIu64 " to %" PRIu64,
+                    p->key, value, p->min, p->max);
+      return -1;
+    }
+    *(unsigned *) p->out = v;
+    return 0;
   }
-  *out = b;
-  return 0;
-}
-
-static int
-parse_uint (const char *key, const char *value, unsigned min, unsigned max,
-            unsigned *out)
-{
-  unsigned v;
-  if (nbdkit_parse_unsigned (key, value, &v) < 0)
-    return -1;
-  if (v < min || v > max) {
-    nbdkit_error ("%s=%s: must be between %u and %u", key, value, min, max);
-    return -1;
   }
-  *out = v;
-  return 0;
-}
-
-/* A path parameter, made absolute (nbdkit may chdir when it forks). */
-static int
-parse_path (const char *value, char **out)
-{
-  free (*out);
-  *out = nbdkit_absolute_path (value);
-  return *out ? 0 : -1;
+  abort ();
 }
 
 static int
 aclone_config (const char *key, const char *value)
 {
-  uint64_t v;
-
-  if (strcmp (key, "source") == 0) {
-    /* Empty means none, as for a complete clone (an unset variable in
-     * the systemd unit's environment file).
-     */
-    free (source_uri);
-    source_uri = NULL;
-    if (!*value)
-      return 0;
-    source_uri = strdup (value);
-    return source_uri ? 0 : -1;
-  }
-  if (strcmp (key, "dest") == 0)
-    return parse_path (value, &dest_path);
-  if (strcmp (key, "meta") == 0)
-    return parse_path (value, &meta_path);
-  if (strcmp (key, "block-size") == 0) {
-    if (parse_size (key, value, 1, UINT32_MAX, &v) < 0)
-      return -1;
-    if (!aclone_region_size_valid (v)) {
-      nbdkit_error ("block-size=%s: must be a power of two from 4K to 16M", value);
-      return -1;
-    }
-    block_size = v;
-    return 0;
-  }
-  if (strcmp (key, "copy-on-read") == 0)
-    return parse_bool (key, value, &copy_on_read);
-  if (strcmp (key, "source-connections") == 0)
-    return parse_uint (key, value, 1, 64, &source_connections);
-  if (strcmp (key, "source-timeout") == 0)
-    return parse_uint (key, value, 1, 86400, &source_timeout);
-  if (strcmp (key, "source-tls-certificates") == 0)
-    return parse_path (value, &tls_certificates);
-  if (strcmp (key, "source-tls-psk") == 0)
-    return parse_path (value, &tls_psk_file);
-  if (strcmp (key, "source-tls-verify") == 0)
-    return parse_bool (key, value, &tls_verify);
-  if (strcmp (key, "hydrate") == 0) {
-    bool on;
-    if (parse_bool (key, value, &on) < 0)
-      return -1;
-    hcfg.start_paused = !on;
-    return 0;
-  }
-  if (strcmp (key, "hydrate-rate") == 0)
-    return parse_size (key, value, 0, INT64_MAX, &hcfg.rate);
-  if (strcmp (key, "hydrate-batch") == 0) {
-    if (parse_size (key, value, 4096, 64 << 20, &v) < 0)
-      return -1;
-    hcfg.batch = v;
-    return 0;
-  }
-  if (strcmp (key, "hydrate-depth") == 0)
-    return parse_uint (key, value, 1, 1024, &hcfg.depth);
-
+  for (size_t i = 0; i < sizeof params / sizeof *params; i++)
+    if (strcmp (key, params[i].key) == 0)
+      return param_set (&params[i], value);
   nbdkit_error ("unknown parameter '%s' (see nbdkit aclone --help)", key);
   return -1;
 }
@@ -219,6 +225,12 @@ aclone_config_complete (void)
                   "that is not complete)");
     return -1;
   }
+  if (block_size && !aclone_region_size_valid (block_size)) {
+    nbdkit_error ("block-size=%" PRIu64 ": must be a power of two from 4K "
+                  "to 16M", block_size);
+    return -1;
+  }
+  hcfg.start_paused = !hydrate;
   /* Check now what libnbd would only find at the first connect, and so
    * that the message names the parameter.  Only the file's readability
    * is checked: aclone never reads the keys itself.
@@ -240,40 +252,14 @@ aclone_config_complete (void)
   return 0;
 }
 
-#define aclone_config_help \
-  "source=NBD_URI         Source export (nbd://, nbds://, nbd+unix://...).\n" \
-  "                       Optional once the clone is complete.\n" \
-  "dest=PATH              (required) Destination file or block device; a\n" \
-  "                       missing file is created sparse.\n" \
-  "meta=PATH              (required) Metadata file; created when missing,\n" \
-  "                       else the clone resumes from it.\n" \
-  "block-size=SIZE        Region size for a new clone, power of two,\n" \
-  "                       4K..16M (default 64K).\n" \
-  "copy-on-read=BOOL      Reads of uncopied regions also hydrate them\n" \
-  "                       (default true).\n" \
-  "source-connections=N   Connections to the source (default 4; 1 when the\n" \
-  "                       source lacks multi-conn).\n" \
-  "source-timeout=SECS    How long a source read may take, the source\n" \
-  "                       lost or hung, before EIO (default 30).\n" \
-  "source-tls-certificates=DIR  CA and client certificates for nbds://.\n" \
-  "source-tls-psk=FILE    Pre-shared keys file (user:hexkey) for nbds://.\n" \
-  "source-tls-verify=BOOL Check the source's certificate (default true).\n" \
-  "hydrate=BOOL           Run background hydration (default true; false\n" \
-  "                       starts paused: 'aclone resume META').\n" \
-  "hydrate-rate=SIZE      Hydration rate limit in bytes/s (default 0 =\n" \
-  "                       unlimited).\n" \
-  "hydrate-batch=SIZE     Largest copy in one request (default 1M; at most\n" \
-  "                       the source's maximum request, 32M if none).\n" \
-  "hydrate-depth=N        Copies in flight (default 32)."
-
 static void
 aclone_dump_plugin (void)
 {
   printf ("aclone_version=%s\n", ACLONE_VERSION);
-  printf ("aclone_params=source,dest,meta,block-size,copy-on-read,"
-          "source-connections,source-timeout,source-tls-certificates,"
-          "source-tls-psk,source-tls-verify,hydrate,hydrate-rate,"
-          "hydrate-batch,hydrate-depth\n");
+  printf ("aclone_params=");
+  for (size_t i = 0; i < sizeof params / sizeof *params; i++)
+    printf ("%s%s", i ? "," : "", params[i].key);
+  printf ("\n");
 }
 
 /* Stop watcher --------------------------------------------------- */
@@ -543,7 +529,7 @@ aclone_open (int readonly)
 static int64_t
 aclone_get_size (void *h)
 {
-  return ((struct aclone_clone *) h)->size;
+  return aclone_clone_size (h);
 }
 
 static int aclone_can_true (void *h) { (void) h; return 1; }

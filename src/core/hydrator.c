@@ -2,9 +2,12 @@
  *
  * Design notes
  * ------------
- * One worker thread.  It works in two passes:
+ * Copy workers: one thread per core (up to 4, never more than the source
+ * connections), each with its own io_uring, connections and batches, and
+ * a home range of the map it sweeps first before helping with the rest.
+ * The work goes in two passes:
  *
- * 1. Zero scan.  It asks the source for base:allocation over the whole
+ * 1. Zero scan, by worker 0 while the others wait.  It asks the source for base:allocation over the whole
  *    device and marks every region that lies wholly inside a zero extent
  *    hydrated without copying (aclone_clone_skip_zero_locked, which zeroes
  *    dest first unless dest is known zero: invariant 4).  A 64 GiB volume
@@ -45,6 +48,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/param.h>
 #include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
@@ -53,9 +57,8 @@
 #include <liburing.h>
 
 #include "aclone/hydrator.h"
+#include "clone-internal.h"
 
-#define MIN(a, b) ((a) < (b) ? (a) : (b))
-#define MAX(a, b) ((a) > (b) ? (a) : (b))
 
 #define BACKOFF_MIN_NS   100000000ull        /* 100 ms */
 #define BACKOFF_MAX_NS  5000000000ull        /* 5 s */
@@ -238,8 +241,8 @@ rate_charge (struct worker *h, uint64_t len)
 static void
 failed (struct worker *h)
 {
-  h->backoff_ns = h->backoff_ns ? MIN (h->backoff_ns * 2, BACKOFF_MAX_NS)
-                                : BACKOFF_MIN_NS;
+  h->backoff_ns = aclone_backoff_next (h->backoff_ns, BACKOFF_MIN_NS,
+                                      BACKOFF_MAX_NS);
   h->resume_at = aclone_now_ns () + h->backoff_ns;
   atomic_store (&h->c->backing_off, true);
 }
@@ -847,84 +850,71 @@ check_stalls (struct worker *h)
   }
 }
 
-static void
-run_ring (struct worker *h)
+/* Submit what is queued, wait up to timeout_ns for a completion, and
+ * handle every completion there is.  Returns how many, or -errno of a
+ * failed wait (not a timeout, not EINTR).
+ */
+static int
+reap (struct worker *h, unsigned long long timeout_ns)
 {
-  unsigned long long loops = 0, timeouts = 0, cqes = 0;
+  struct io_uring_cqe *cqe;
+  struct __kernel_timespec ts = { timeout_ns / 1000000000ull,
+                                  timeout_ns % 1000000000ull };
+  unsigned head, seen = 0;
+  int r = io_uring_submit_and_wait_timeout (&h->ring, &cqe, 1, &ts, NULL);
 
-  while (!stopping (h)) {
-    loops++;
-    if (all_hydrated (h) && h->inflight == 0)
-      break;
-    measure (h);
-    check_stalls (h);
-    conns_refill (h);
-
-    /* Start batches while allowed. */
-    struct batch *b;
-    while (any_conn (h) && may_start (h, h->inflight) &&
-           (b = free_batch (h)) != NULL) {
-      if (!b->buf) {
-        b->buf = malloc (h->buf_len);
-        if (!b->buf)
-          break;
-      }
-      if (!pick (h, b))
-        break;
-      if (!issue_read (h, b)) {
-        aclone_map_unlock (&h->c->map, b->first, b->lock_n);
-        break;
-      }
-      rate_charge (h, b->len);
-      atomic_fetch_add (&h->c->in_flight, b->len);
-      h->inflight++;
-    }
-
-    reads_finished (h);
-    arm_polls (h);
-
-    struct io_uring_cqe *cqe;
-    struct __kernel_timespec ts = { 0, h->inflight ? 50000000 : 20000000 };
-    int r = io_uring_submit_and_wait_timeout (&h->ring, &cqe, 1, &ts, NULL);
-    if (r == -ETIME)
-      timeouts++;
-    if (r < 0 && r != -ETIME && r != -EINTR) {
-      aclone_clone_error (h->c, "hydrator: io_uring: %s", strerror (-r));
-      nap (100000000);
-    }
-    unsigned head, seen = 0;
-    io_uring_for_each_cqe (&h->ring, head, cqe) {
-      handle_cqe (h, cqe);
-      seen++;
-    }
-    io_uring_cq_advance (&h->ring, seen);
-    cqes += seen;
-    reads_finished (h);
+  io_uring_for_each_cqe (&h->ring, head, cqe) {
+    handle_cqe (h, cqe);
+    seen++;
   }
-  aclone_clone_log (h->c, 0, "hydrator %u: %llu turns, %llu timeouts, %llu "
-                    "completions", h->id, loops, timeouts, cqes);
+  io_uring_cq_advance (&h->ring, seen);
+  reads_finished (h);
+  if (r < 0 && r != -ETIME && r != -EINTR)
+    return r;
+  return seen;
+}
 
-  /* Stopping.  1. Let source reads in flight finish (for at most
-   * STOP_DRAIN_NS): closing a connection in the middle of a reply makes
-   * the source see a reset (and nbdkit 1.32 even asserts on it).
-   */
+/* Start batches while the limits allow and there is work to pick. */
+static void
+start_batches (struct worker *h)
+{
+  struct batch *b;
+
+  while (any_conn (h) && may_start (h, h->inflight) &&
+         (b = free_batch (h)) != NULL) {
+    if (!b->buf) {
+      b->buf = malloc (h->buf_len);
+      if (!b->buf)
+        break;
+    }
+    if (!pick (h, b))
+      break;
+    if (!issue_read (h, b)) {
+      aclone_map_unlock (&h->c->map, b->first, b->lock_n);
+      break;
+    }
+    rate_charge (h, b->len);
+    atomic_fetch_add (&h->c->in_flight, b->len);
+    h->inflight++;
+  }
+}
+
+/* Stopping, in three steps.  1. Let source reads in flight finish (for
+ * at most STOP_DRAIN_NS): closing a connection in the middle of a reply
+ * makes the source see a reset (and nbdkit 1.32 even asserts on it).
+ * 2. Close the connections; reads still outstanding are abandoned, their
+ * regions stay unhydrated.  3. Let dest writes finish.
+ */
+static void
+ring_drain (struct worker *h)
+{
   unsigned long long drain_end = aclone_now_ns () + STOP_DRAIN_NS;
+
   while (h->inflight > 0 && aclone_now_ns () < drain_end) {
     reads_finished (h);
     arm_polls (h);
-    struct io_uring_cqe *cqe;
-    struct __kernel_timespec ts = { 0, 50000000 };
-    io_uring_submit_and_wait_timeout (&h->ring, &cqe, 1, &ts, NULL);
-    unsigned head, seen = 0;
-    io_uring_for_each_cqe (&h->ring, head, cqe) {
-      handle_cqe (h, cqe);
-      seen++;
-    }
-    io_uring_cq_advance (&h->ring, seen);
+    reap (h, 50000000);
   }
-  /* 2. Close the connections; reads still outstanding are abandoned,
-   * their regions stay unhydrated.  3. Let dest writes finish.
-   */
   for (unsigned i = 0; i < h->nconns; i++)
     conn_close (h, i);
   reads_finished (h);                  /* fails the abandoned reads */
@@ -947,6 +937,35 @@ run_ring (struct worker *h)
     io_uring_cqe_seen (&h->ring, cqe);
     reads_finished (h);
   }
+}
+
+/* The ring engine's loop: start batches, push the sockets, reap. */
+static void
+run_ring (struct worker *h)
+{
+  unsigned long long loops = 0, cqes = 0;
+
+  while (!stopping (h)) {
+    loops++;
+    if (all_hydrated (h) && h->inflight == 0)
+      break;
+    measure (h);
+    check_stalls (h);
+    conns_refill (h);
+    start_batches (h);
+    reads_finished (h);
+    arm_polls (h);
+    int r = reap (h, h->inflight ? 50000000 : 20000000);
+    if (r < 0) {
+      aclone_clone_error (h->c, "hydrator: io_uring: %s", strerror (-r));
+      nap (100000000);
+    }
+    else
+      cqes += r;
+  }
+  aclone_clone_log (h->c, 0, "hydrator %u: %llu turns, %llu completions",
+                    h->id, loops, cqes);
+  ring_drain (h);
 }
 
 /* The worker ------------------------------------------------------------ */

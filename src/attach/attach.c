@@ -46,6 +46,7 @@
 #include <libnbd.h>
 
 #include "aclone/attach.h"
+#include "aclone/clock.h"
 
 /* NBD transmission flags (the protocol's, as NBD_ATTR_SERVER_FLAGS). */
 #define NBD_FLAG_HAS_FLAGS          (1 << 0)
@@ -277,14 +278,131 @@ nap_ms (unsigned ms)
   nanosleep (&ts, NULL);
 }
 
+/* Step 1: connect to the export and give the kernel the socket
+ * (NBD_CMD_CONNECT).  *index receives the device's number, *size the
+ * export's.
+ */
+static int
+attach_connect (int nl, uint16_t family, const struct aclone_attach_config *cfg,
+                int *index, uint64_t *size, struct aclone_error *err)
+{
+  struct msg m, reply;
+  uint64_t flags;
+  int fd = nbd_socket (cfg->uri, size, &flags, err);
+
+  if (fd < 0)
+    return fd;
+  msg_init (&m, family, NBD_CMD_CONNECT);
+  if (cfg->index >= 0)
+    attr_u32 (&m, NBD_ATTR_INDEX, cfg->index);
+  attr_u64 (&m, NBD_ATTR_SIZE_BYTES, *size);
+  attr_u64 (&m, NBD_ATTR_BLOCK_SIZE_BYTES, cfg->block_size ? cfg->block_size : 4096);
+  attr_u64 (&m, NBD_ATTR_SERVER_FLAGS, flags);
+  if (cfg->timeout_s)
+    attr_u64 (&m, NBD_ATTR_TIMEOUT, cfg->timeout_s);
+  attr_u64 (&m, NBD_ATTR_DEAD_CONN_TIMEOUT, cfg->reconnect_s);
+  attr_socket (&m, fd);
+  int r = transact (nl, &m, &reply);
+  close (fd);                               /* the kernel holds it now */
+  if (r < 0)
+    return aclone_error_set (err, -r, "/dev/nbd%d: connect", cfg->index);
+  *index = cfg->index;
+  struct nlattr *ia = attr_find ((struct nlattr *) ((char *) NLMSG_DATA (&reply.nh) + GENL_HDRLEN),
+                                 reply.nh.nlmsg_len - NLMSG_LENGTH (GENL_HDRLEN),
+                                 NBD_ATTR_INDEX);
+  if (ia)
+    *index = *(uint32_t *) ATTR_DATA (ia);
+  return 0;
+}
+
+/* Step 2: wait until the kernel says our link died (1), or the device
+ * was detached or we are asked to stop (0).
+ */
+static int
+wait_link_dead (int events, uint16_t family, int index)
+{
+  struct msg reply;
+  char pidfile[64];
+
+  snprintf (pidfile, sizeof pidfile, "/sys/block/nbd%d/pid", index);
+  while (!stop_requested) {
+    struct pollfd p = { .fd = events, .events = POLLIN };
+    if (poll (&p, 1, 1000) <= 0) {
+      /* A user's disconnect (nbd-client -d) sends no event, but the
+       * device's pid file goes away with its configuration.
+       */
+      if (access (pidfile, F_OK) < 0 && errno == ENOENT) {
+        fprintf (stderr, "aclone: /dev/nbd%d: detached\n", index);
+        return 0;
+      }
+      continue;
+    }
+    ssize_t n = recv (events, reply.buf, sizeof reply.buf, 0);
+    if (n <= 0 || reply.nh.nlmsg_type != family)
+      continue;
+    struct genlmsghdr *g = NLMSG_DATA (&reply.nh);
+    struct nlattr *di = attr_find ((struct nlattr *) ((char *) g + GENL_HDRLEN),
+                                   reply.nh.nlmsg_len - NLMSG_LENGTH (GENL_HDRLEN),
+                                   NBD_ATTR_INDEX);
+    if (g->cmd == NBD_CMD_LINK_DEAD && di &&
+        *(uint32_t *) ATTR_DATA (di) == (uint32_t) index)
+      return 1;
+  }
+  return 0;
+}
+
+/* Step 3: reconnect with backoff and hand the kernel the new socket
+ * (NBD_CMD_RECONFIGURE).  0 reconnected, 1 nothing left to do (stopped,
+ * or the device was disconnected), or -errno (the export changed).
+ */
+static int
+reconnect (int nl, uint16_t family, const struct aclone_attach_config *cfg,
+           int index, uint64_t size, struct aclone_error *err)
+{
+  unsigned long long backoff = 0;
+  struct msg m, reply;
+
+  fprintf (stderr, "aclone: /dev/nbd%d: connection lost, reconnecting to %s\n",
+           index, cfg->uri);
+  while (!stop_requested) {
+    uint64_t size2, flags2;
+    struct aclone_error e2 = { 0 };
+    int fd = nbd_socket (cfg->uri, &size2, &flags2, &e2);
+    if (fd >= 0 && size2 != size) {
+      close (fd);
+      return aclone_error_set (err, EINVAL, "%s: size changed from %llu to %llu",
+                               cfg->uri, (unsigned long long) size,
+                               (unsigned long long) size2);
+    }
+    if (fd >= 0) {
+      msg_init (&m, family, NBD_CMD_RECONFIGURE);
+      attr_u32 (&m, NBD_ATTR_INDEX, index);
+      attr_socket (&m, fd);
+      int rr = transact (nl, &m, &reply);
+      close (fd);
+      if (rr == 0) {
+        fprintf (stderr, "aclone: /dev/nbd%d: reconnected\n", index);
+        return 0;
+      }
+      if (rr == -ENOENT || rr == -EINVAL) {
+        /* The device was disconnected (nbd-client -d): we are done. */
+        fprintf (stderr, "aclone: /dev/nbd%d: no longer attached\n", index);
+        return 1;
+      }
+    }
+    backoff = aclone_backoff_next (backoff, 100000000ull, 2000000000ull);
+    nap_ms (backoff / 1000000);
+  }
+  return 1;
+}
+
 int
 aclone_attach (const struct aclone_attach_config *cfg, struct aclone_error *err)
 {
   uint16_t family;
   uint32_t group;
-  uint64_t size, flags;
-  struct msg m, reply;
-  int r, nl, events = -1, fd;
+  uint64_t size;
+  int r, nl, events = -1, index;
 
   nl = netlink_open ();
   if (nl < 0)
@@ -295,40 +413,15 @@ aclone_attach (const struct aclone_attach_config *cfg, struct aclone_error *err)
     return aclone_error_set (err, -r, "the kernel's nbd netlink family "
                              "(is the nbd module loaded?)");
   }
-
-  /* 1. Connect and give the kernel the socket. */
-  fd = nbd_socket (cfg->uri, &size, &flags, err);
-  if (fd < 0) {
-    close (nl);
-    return fd;
-  }
-  msg_init (&m, family, NBD_CMD_CONNECT);
-  if (cfg->index >= 0)
-    attr_u32 (&m, NBD_ATTR_INDEX, cfg->index);
-  attr_u64 (&m, NBD_ATTR_SIZE_BYTES, size);
-  attr_u64 (&m, NBD_ATTR_BLOCK_SIZE_BYTES, cfg->block_size ? cfg->block_size : 4096);
-  attr_u64 (&m, NBD_ATTR_SERVER_FLAGS, flags);
-  if (cfg->timeout_s)
-    attr_u64 (&m, NBD_ATTR_TIMEOUT, cfg->timeout_s);
-  attr_u64 (&m, NBD_ATTR_DEAD_CONN_TIMEOUT, cfg->reconnect_s);
-  attr_socket (&m, fd);
-  r = transact (nl, &m, &reply);
-  close (fd);                               /* the kernel holds it now */
+  r = attach_connect (nl, family, cfg, &index, &size, err);
   if (r < 0) {
     close (nl);
-    return aclone_error_set (err, -r, "/dev/nbd%d: connect", cfg->index);
+    return r;
   }
-  int index = cfg->index;
-  struct nlattr *ia = attr_find ((struct nlattr *) ((char *) NLMSG_DATA (&reply.nh) + GENL_HDRLEN),
-                                 reply.nh.nlmsg_len - NLMSG_LENGTH (GENL_HDRLEN),
-                                 NBD_ATTR_INDEX);
-  if (ia)
-    index = *(uint32_t *) ATTR_DATA (ia);
   printf ("/dev/nbd%d: attached to %s (%llu bytes)\n", index, cfg->uri,
           (unsigned long long) size);
   fflush (stdout);
 
-  /* 2. Wait for our link to die; reconnect and reconfigure. */
   events = netlink_open ();
   if (events < 0 ||
       setsockopt (events, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, &group,
@@ -340,65 +433,10 @@ aclone_attach (const struct aclone_attach_config *cfg, struct aclone_error *err)
   sigaction (SIGTERM, &sa, NULL);
   sigaction (SIGINT, &sa, NULL);
   r = 0;
-  char pidfile[64];
-  snprintf (pidfile, sizeof pidfile, "/sys/block/nbd%d/pid", index);
-  while (!stop_requested) {
-    struct pollfd p = { .fd = events, .events = POLLIN };
-    if (poll (&p, 1, 1000) <= 0) {
-      /* A user's disconnect (nbd-client -d) sends no event, but the
-       * device's pid file goes away with its configuration.
-       */
-      if (access (pidfile, F_OK) < 0 && errno == ENOENT) {
-        fprintf (stderr, "aclone: /dev/nbd%d: detached\n", index);
-        break;
-      }
-      continue;
-    }
-    ssize_t n = recv (events, reply.buf, sizeof reply.buf, 0);
-    if (n <= 0 || reply.nh.nlmsg_type != family)
-      continue;
-    struct genlmsghdr *g = NLMSG_DATA (&reply.nh);
-    struct nlattr *di = attr_find ((struct nlattr *) ((char *) g + GENL_HDRLEN),
-                                   reply.nh.nlmsg_len - NLMSG_LENGTH (GENL_HDRLEN),
-                                   NBD_ATTR_INDEX);
-    if (g->cmd != NBD_CMD_LINK_DEAD || !di || *(uint32_t *) ATTR_DATA (di) != (uint32_t) index)
-      continue;
-    fprintf (stderr, "aclone: /dev/nbd%d: connection lost, reconnecting to %s\n",
-             index, cfg->uri);
-    unsigned backoff = 100;
-    for (;;) {
-      uint64_t size2, flags2;
-      struct aclone_error e2 = { 0 };
-      if (stop_requested)
-        goto out;
-      fd = nbd_socket (cfg->uri, &size2, &flags2, &e2);
-      if (fd >= 0 && size2 != size) {
-        close (fd);
-        r = aclone_error_set (err, EINVAL, "%s: size changed from %llu to %llu",
-                              cfg->uri, (unsigned long long) size,
-                              (unsigned long long) size2);
-        goto out;
-      }
-      if (fd >= 0) {
-        msg_init (&m, family, NBD_CMD_RECONFIGURE);
-        attr_u32 (&m, NBD_ATTR_INDEX, index);
-        attr_socket (&m, fd);
-        int rr = transact (nl, &m, &reply);
-        close (fd);
-        if (rr == 0) {
-          fprintf (stderr, "aclone: /dev/nbd%d: reconnected\n", index);
-          break;
-        }
-        if (rr == -ENOENT || rr == -EINVAL) {
-          /* The device was disconnected (nbd-client -d): we are done. */
-          fprintf (stderr, "aclone: /dev/nbd%d: no longer attached\n", index);
-          goto out;
-        }
-      }
-      nap_ms (backoff);
-      backoff = backoff * 2 > 2000 ? 2000 : backoff * 2;
-    }
-  }
+  while (r == 0 && wait_link_dead (events, family, index))
+    r = reconnect (nl, family, cfg, index, size, err);
+  if (r > 0)
+    r = 0;
  out:
   if (events >= 0)
     close (events);

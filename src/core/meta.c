@@ -44,6 +44,7 @@
 #include <bsd/string.h>
 
 #include "aclone/meta.h"
+#include "aclone/crc32c.h"
 
 _Static_assert (sizeof (struct aclone_meta_header) == 376, "header layout");
 _Static_assert (sizeof (struct aclone_live) <= ACLONE_PAGE, "live page layout");
@@ -241,6 +242,73 @@ meta_alloc (const char *path)
   return m;
 }
 
+/* A new header: random UUID, geometry, layout. */
+static int
+header_new (const char *path, uint64_t size, uint32_t region_size,
+            uint32_t flags, const char *source_desc,
+            struct aclone_meta_header *h, struct aclone_error *err)
+{
+  memset (h, 0, sizeof *h);
+  memcpy (h->magic, ACLONE_META_MAGIC, 8);
+  h->version = ACLONE_META_VERSION;
+  h->header_len = ACLONE_HEADER_LEN;
+  if (getrandom (h->uuid, sizeof h->uuid, 0) != sizeof h->uuid)
+    return aclone_error_set (err, errno, "%s: getrandom", path);
+  h->uuid[6] = (h->uuid[6] & 0x0f) | 0x40;      /* RFC 4122 version 4 */
+  h->uuid[8] = (h->uuid[8] & 0x3f) | 0x80;
+  h->size = size;
+  h->region_size = region_size;
+  h->flags = flags;
+  h->regions = aclone_region_count (size, region_size);
+  h->created = time (NULL);
+  strlcpy (h->source, source_desc ? source_desc : "", sizeof h->source);
+  layout (h);
+  return 0;
+}
+
+/* Write the whole new file to fd: its length, the header page and a live
+ * page that says it has been set up (bitmaps: holes, all zero).
+ */
+static int
+file_write (int fd, const char *path, const struct aclone_meta_header *h,
+            struct aclone_error *err)
+{
+  unsigned char page[ACLONE_PAGE];
+
+  if (ftruncate (fd, h->file_len) < 0)
+    return aclone_error_set (err, errno, "%s: ftruncate", path);
+  header_encode (h, page);
+  if (pwrite (fd, page, ACLONE_PAGE, 0) != ACLONE_PAGE)
+    return aclone_error_set (err, errno ? errno : EIO, "%s: write header", path);
+  memset (page, 0, sizeof page);
+  uint64_t live_magic = htole64 (ACLONE_LIVE_MAGIC);
+  memcpy (page, &live_magic, sizeof live_magic);
+  if (pwrite (fd, page, ACLONE_PAGE, h->live_off) != ACLONE_PAGE)
+    return aclone_error_set (err, errno ? errno : EIO, "%s: write live page",
+                             path);
+  return 0;
+}
+
+/* Sync path's directory, so that a new name in it survives a crash.
+ * Best effort: the file itself is already durable.
+ */
+static void
+dir_sync (const char *path)
+{
+  char *dir = strdup (path), *slash;
+
+  if (!dir)
+    return;
+  slash = strrchr (dir, '/');
+  const char *d = slash ? (slash == dir ? "/" : (*slash = '\0', dir)) : ".";
+  int dfd = open (d, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    fsync (dfd);
+    close (dfd);
+  }
+  free (dir);
+}
+
 int
 aclone_meta_create (const char *path, uint64_t size, uint32_t region_size,
                     uint32_t flags, const char *source_desc,
@@ -248,7 +316,6 @@ aclone_meta_create (const char *path, uint64_t size, uint32_t region_size,
 {
   struct aclone_meta *m;
   struct aclone_meta_header h;
-  unsigned char page[ACLONE_PAGE];
   char *tmp = NULL;
   int r;
 
@@ -259,24 +326,9 @@ aclone_meta_create (const char *path, uint64_t size, uint32_t region_size,
     aclone_meta_close (m);
     return aclone_error_set (err, ENOMEM, "%s", path);
   }
-
-  memset (&h, 0, sizeof h);
-  memcpy (h.magic, ACLONE_META_MAGIC, 8);
-  h.version = ACLONE_META_VERSION;
-  h.header_len = ACLONE_HEADER_LEN;
-  if (getrandom (h.uuid, sizeof h.uuid, 0) != sizeof h.uuid) {
-    r = aclone_error_set (err, errno, "%s: getrandom", path);
+  r = header_new (path, size, region_size, flags, source_desc, &h, err);
+  if (r < 0)
     goto fail;
-  }
-  h.uuid[6] = (h.uuid[6] & 0x0f) | 0x40;      /* RFC 4122 version 4 */
-  h.uuid[8] = (h.uuid[8] & 0x3f) | 0x80;
-  h.size = size;
-  h.region_size = region_size;
-  h.flags = flags;
-  h.regions = aclone_region_count (size, region_size);
-  h.created = time (NULL);
-  strlcpy (h.source, source_desc ? source_desc : "", sizeof h.source);
-  layout (&h);
 
   /* 1. Build the whole file under a temporary name. */
   m->fd = mkostemp (tmp, O_CLOEXEC);       /* mode 0600 */
@@ -286,22 +338,9 @@ aclone_meta_create (const char *path, uint64_t size, uint32_t region_size,
     tmp = NULL;
     goto fail;
   }
-  if (ftruncate (m->fd, h.file_len) < 0) {
-    r = aclone_error_set (err, errno, "%s: ftruncate", path);
+  r = file_write (m->fd, path, &h, err);
+  if (r < 0)
     goto fail;
-  }
-  header_encode (&h, page);
-  if (pwrite (m->fd, page, ACLONE_PAGE, 0) != ACLONE_PAGE) {
-    r = aclone_error_set (err, errno ? errno : EIO, "%s: write header", path);
-    goto fail;
-  }
-  memset (page, 0, sizeof page);
-  uint64_t live_magic = htole64 (ACLONE_LIVE_MAGIC);
-  memcpy (page, &live_magic, sizeof live_magic);
-  if (pwrite (m->fd, page, ACLONE_PAGE, h.live_off) != ACLONE_PAGE) {
-    r = aclone_error_set (err, errno ? errno : EIO, "%s: write live page", path);
-    goto fail;
-  }
   /* 2. Make it durable and lock it before anyone can see it. */
   if (fsync (m->fd) < 0) {
     r = aclone_error_set (err, errno, "%s: fsync", path);
@@ -319,20 +358,8 @@ aclone_meta_create (const char *path, uint64_t size, uint32_t region_size,
   }
   free (tmp);
   tmp = NULL;
-  /* 4. Sync the directory so the name survives a crash. */
-  {
-    char *dir = strdup (path), *slash;
-    if (dir) {
-      slash = strrchr (dir, '/');
-      const char *d = slash ? (slash == dir ? "/" : (*slash = '\0', dir)) : ".";
-      int dfd = open (d, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-      if (dfd >= 0) {
-        fsync (dfd);
-        close (dfd);
-      }
-      free (dir);
-    }
-  }
+  /* 4. Make the name durable too. */
+  dir_sync (path);
   m->hdr = h;
   m->writable = true;
   r = meta_map (m, err);
@@ -484,6 +511,21 @@ aclone_meta_commit_bits (struct aclone_meta *m, int which,
   if (msync ((void *) start, end - start, MS_SYNC) < 0)
     return aclone_error_set (err, errno, "%s: msync bitmap", m->path);
   return 0;
+}
+
+uint64_t
+aclone_meta_count (const struct aclone_meta *m, int which)
+{
+  const uint64_t *bm = which ? m->written : m->hydrated;
+  uint64_t n = 0, words = (m->hdr.regions + 63) / 64;
+
+  for (uint64_t i = 0; i < words; i++) {
+    uint64_t w = le64toh (__atomic_load_n (&bm[i], __ATOMIC_RELAXED));
+    if (i == words - 1 && m->hdr.regions % 64)
+      w &= (UINT64_C (1) << (m->hdr.regions % 64)) - 1;
+    n += __builtin_popcountll (w);
+  }
+  return n;
 }
 
 void

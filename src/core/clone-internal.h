@@ -1,0 +1,134 @@
+/* aclone: the clone's state, and the interface clone.c gives the
+ * hydrator (and the unit tests).  Not for the plugin or the CLI, which
+ * see only include/aclone/clone.h.
+ *
+ * Every field says what protects it: "set at open" (read-only after),
+ * "atomic", "protected by X", or "owned by Y" (only Y touches it).
+ */
+#ifndef ACLONE_CLONE_INTERNAL_H
+#define ACLONE_CLONE_INTERNAL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+
+#include "aclone/clone.h"
+#include "aclone/map.h"
+
+struct aclone_clone {
+  /* Set at open, then read-only. */
+  struct aclone_meta *meta;
+  struct aclone_dest *dest;
+  uint64_t size;
+  uint32_t region_size;
+  bool copy_on_read;
+  aclone_log_fn log;
+  void *log_opaque;
+
+  struct aclone_map map;         /* atomic bits; region locks inside */
+
+  /* The source: NULL once complete.  Borrow it with
+   * aclone_clone_source_get/put; released under the write lock.
+   */
+  struct aclone_source *src;     /* protected by src_lock */
+  pthread_rwlock_t src_lock;
+
+  _Atomic int mode;              /* enum aclone_mode: clone.c, "Modes" */
+  _Atomic int run;               /* enum aclone_run */
+  char fail_cause[256];          /* written once, by the move to FAILED */
+
+  /* Unhydrated regions read zero on dest: dest was created sparse by us,
+   * or the header said so at open.  Cleared for good by any failed dest
+   * write, which may leave junk in a region that is not hydrated.
+   */
+  atomic_bool dest_zero;
+
+  /* Commit (invariant 1): one at a time, under commit_lock, which also
+   * protects the scratch arrays.
+   */
+  pthread_mutex_t commit_lock;
+  uint64_t *ci, *cw;  size_t ccap;     /* scratch: hydrated dirty words */
+  uint64_t *wi, *ww;  size_t wcap;     /* scratch: written dirty words */
+
+  /* Counters, cumulative over the clone's life (loaded from live page);
+   * atomic, advisory.
+   */
+  atomic_uint_fast64_t bytes_copied, bytes_skipped, errors, in_flight;
+  pthread_mutex_t err_lock;      /* protects last_error */
+  char last_error[256];
+
+  /* Shared with the hydrator (atomic). */
+  atomic_uint_fast64_t rate;     /* bytes/s copied recently (hydrator) */
+  atomic_uint_fast64_t hint;     /* 1 + region after the last read miss, 0 none */
+  atomic_uint fg_active;         /* client requests in progress */
+  atomic_uint_fast64_t fg_last_ns; /* when the last client request began */
+  atomic_bool backing_off;       /* hydrator waiting after failures */
+  /* After a copy-on-read's dest write failed: no copy-on-read before
+   * this time (aclone_now_ns), reads go to the source alone.
+   */
+  atomic_uint_fast64_t cor_retry_ns;
+
+  /* Ticker: commits every second while dirty, updates the live page.
+   * It stops when run leaves RUNNING (signalled under tick_lock).
+   */
+  pthread_t ticker;
+  bool ticker_running;           /* owned by start/shutdown */
+  pthread_mutex_t tick_lock;
+  pthread_cond_t tick_cond;
+
+  atomic_uint requests;          /* client requests inside the gate */
+
+  struct aclone_hydrator *hydrator;  /* owned by hydrator.c */
+};
+
+/* Enter FAILED, for good, with cause (printf-style): logs once and
+ * shows "failed" with the cause in the live page.  Later calls do nothing.
+ */
+void aclone_clone_fail (struct aclone_clone *c, const char *fmt, ...)
+  __attribute__ ((format (printf, 2, 3)));
+
+/* Borrow the source for one call: returns it with src_lock read-held,
+ * or NULL (nothing held) once it has been released.  Every non-NULL
+ * return must be paired with aclone_clone_source_put.
+ */
+struct aclone_source *aclone_clone_source_get (struct aclone_clone *c);
+void aclone_clone_source_put (struct aclone_clone *c);
+
+/* A dest write at off failed with r (-errno): record it, and void the
+ * dest-zero promise.  Returns r.
+ */
+int aclone_clone_dest_failed (struct aclone_clone *c, int r, const char *what,
+                              uint64_t off);
+
+/* Hydrate regions [first, first+count) that are not hydrated yet, by
+ * copying from the source; optionally fill out[] with device bytes
+ * [out_off, out_off+out_len) inside that range.  Must be called with the
+ * region lock for the range held.
+ */
+int aclone_clone_copy_locked (struct aclone_clone *c, uint64_t first,
+                              uint64_t count, void *out, uint64_t out_off,
+                              size_t out_len);
+
+/* Mark regions hydrated without copying because they read zero on the
+ * source, zeroing dest first unless it is known zero (invariant 4).
+ * Must be called with the region lock held.
+ */
+int aclone_clone_skip_zero_locked (struct aclone_clone *c, uint64_t first,
+                                   uint64_t count);
+
+/* Close the source once the clone is complete: waits for calls in
+ * progress.  Afterwards every read is served from dest.
+ */
+void aclone_clone_release_source (struct aclone_clone *c);
+
+/* Log a message through the clone's log sink (level 0 debug, 1 info). */
+void aclone_clone_log (struct aclone_clone *c, int level, const char *fmt, ...)
+  __attribute__ ((format (printf, 3, 4)));
+
+/* Record a runtime error: counters, live page, log. */
+void aclone_clone_error (struct aclone_clone *c, const char *fmt, ...)
+  __attribute__ ((format (printf, 2, 3)));
+
+/* Publish counters and state to the live page now. */
+void aclone_clone_publish (struct aclone_clone *c, enum aclone_state state);
+
+#endif
