@@ -7,13 +7,10 @@
 #ifndef ACLONE_CLONE_H
 #define ACLONE_CLONE_H
 
-#include <pthread.h>
-#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 
 #include "aclone/dest.h"
-#include "aclone/clock.h"
 #include "aclone/error.h"
 #include "aclone/map.h"
 #include "aclone/meta.h"

@@ -24,6 +24,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "aclone/meta.h"              /* ACLONE_BIT_* */
+
 struct aclone_range_lock {
   uint64_t first, count;
 };
@@ -46,7 +48,6 @@ struct aclone_map {
   size_t nlocked, caplocked;
 };
 
-enum { ACLONE_BIT_HYDRATED = 0, ACLONE_BIT_WRITTEN = 1 };
 
 int aclone_map_init (struct aclone_map *m, uint64_t size, unsigned shift);
 void aclone_map_free (struct aclone_map *m);

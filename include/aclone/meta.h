@@ -63,6 +63,11 @@ struct aclone_meta_header {
 
 #define ACLONE_HEADER_LEN ((uint32_t) sizeof (struct aclone_meta_header))
 
+/* The two bitmaps, in the file and in core (which: for the functions
+ * below and the map's).
+ */
+enum { ACLONE_BIT_HYDRATED = 0, ACLONE_BIT_WRITTEN = 1 };
+
 /* Server states published in the live page. */
 enum aclone_state {
   ACLONE_STATE_STOPPED = 0,

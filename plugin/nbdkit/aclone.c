@@ -57,7 +57,9 @@
 #include <nbdkit-plugin.h>
 
 #include "aclone/clone.h"
+#include "aclone/clock.h"
 #include "aclone/hydrator.h"
+#include "aclone/size.h"
 #include "aclone/source.h"
 #include "config.h"
 
@@ -180,7 +182,9 @@ param_set (const struct param *p, const char *value)
     return 0;
   }
   case P_SIZE: {
-    int64_t v = nbdkit_parse_size (value);
+    char plain[32];                /* "64KiB" as nbdkit spells it, "64K" */
+    int64_t v = nbdkit_parse_size (aclone_size_spelling (value, plain, sizeof plain)
+                                   ? plain : value);
     if (v < 0)
       return -1;
     if ((uint64_t) v < p->min || (uint64_t) v > p->max) {

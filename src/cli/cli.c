@@ -22,7 +22,6 @@
 #include <bsd/libutil.h>
 #include <bsd/stdlib.h>
 #include <json-c/json.h>
-#include <math.h>
 #include <time.h>
 #include <unistd.h>
 #include <endian.h>
@@ -30,9 +29,11 @@
 #include <fcntl.h>
 
 #include "aclone/attach.h"
+#include "aclone/clock.h"
 #include "aclone/dest.h"
 #include "aclone/map.h"
 #include "aclone/meta.h"
+#include "aclone/size.h"
 #include "aclone/source.h"
 #include "aclone/verify.h"
 #include "config.h"
@@ -199,12 +200,14 @@ parse_number (const char *what, const char *s, unsigned max, unsigned *out)
   return 0;
 }
 
-/* v bytes for people: "512 B", "1.5 MiB", "64 GiB" (libbsd). */
+/* v bytes for people, with at most three digits: "512 B", "1.5 KiB",
+ * "16 MiB", "15 TiB" (libbsd; one decimal below 10).
+ */
 static const char *
 human (uint64_t v, char *buf, size_t len)
 {
-  /* The width decides the scale: four digits, a space, "Mi", "B". */
-  if (humanize_number (buf, MIN (len, 9), (int64_t) MIN (v, (uint64_t) INT64_MAX), "B",
+  /* The width decides the scale: three digits, a space, "Mi", "B". */
+  if (humanize_number (buf, MIN (len, 8), (int64_t) MIN (v, (uint64_t) INT64_MAX), "B",
                        HN_AUTOSCALE, HN_DECIMAL | HN_IEC_PREFIXES) < 0)
     snprintf (buf, len, "%llu B", (unsigned long long) v);
   return buf;
@@ -226,6 +229,16 @@ static void
 json_add_u64 (struct json_object *o, const char *key, uint64_t v)
 {
   json_object_object_add (o, key, json_object_new_uint64 (v));
+}
+
+/* A number printed as fmt says ("%.2f"), not with 17 digits. */
+static void
+json_add_double (struct json_object *o, const char *key, double v,
+                 const char *fmt)
+{
+  char text[64];
+  snprintf (text, sizeof text, fmt, v);
+  json_object_object_add (o, key, json_object_new_double_s (v, text));
 }
 
 static int
@@ -287,8 +300,7 @@ cmd_status (int argc, char **argv)
     json_add_u64 (o, "block_size", s.hdr.region_size);
     json_add_u64 (o, "regions", s.hdr.regions);
     json_add_u64 (o, "hydrated", s.hydrated);
-    json_object_object_add (o, "percent",
-                            json_object_new_double (round (s.percent * 100) / 100));
+    json_add_double (o, "percent", s.percent, "%.2f");
     json_add_u64 (o, "bytes_copied", s.bytes_copied);
     json_add_u64 (o, "bytes_skipped", s.bytes_skipped);
     json_add_u64 (o, "in_flight", s.in_flight);
@@ -296,7 +308,7 @@ cmd_status (int argc, char **argv)
     json_object_object_add (o, "pid", json_object_new_int64 (s.pid));
     json_add_u64 (o, "rate", s.rate);
     json_object_object_add (o, "eta_seconds", json_object_new_int64 (s.eta));
-    json_object_object_add (o, "updated", json_object_new_double (s.updated));
+    json_add_double (o, "updated", s.updated, "%.3f");
     json_add_u64 (o, "errors", s.errors);
     json_object_object_add (o, "last_error", json_object_new_string (s.last_error));
     json_object_object_add (o, "source", json_object_new_string (s.hdr.source));
@@ -529,7 +541,9 @@ cmd_set (int argc, char **argv)
   for (int i = 2; i < argc; i++) {
     if (strncmp (argv[i], "rate=", 5) == 0) {
       uint64_t v;
-      if (expand_number (argv[i] + 5, &v) < 0 || v > INT64_MAX)
+      char plain[32];
+      if (!aclone_size_spelling (argv[i] + 5, plain, sizeof plain) ||
+          expand_number (plain, &v) < 0 || v > INT64_MAX)
         return usage ("set: rate= takes a size in bytes/s, like 50M");
       rate = v;
     }

@@ -11,6 +11,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 
+#include "aclone/clock.h"
 #include "aclone/clone.h"
 #include "aclone/map.h"
 

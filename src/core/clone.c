@@ -75,6 +75,7 @@
 #include <bsd/string.h>
 
 #include "clone-internal.h"
+#include "aclone/clock.h"
 
 /* Largest run one foreground copy locks and buffers. */
 #define COPY_MAX_BYTES (32u << 20)

@@ -58,6 +58,7 @@
 
 #include "aclone/hydrator.h"
 #include "clone-internal.h"
+#include "aclone/clock.h"
 
 
 #define BACKOFF_MIN_NS   100000000ull        /* 100 ms */

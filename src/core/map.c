@@ -225,41 +225,52 @@ overlaps (const struct aclone_map *m, uint64_t first, uint64_t count)
   return false;
 }
 
-/* Must be called with m->lock held and no overlap.  The list grows by
- * doubling; if realloc fails (memory pressure), the caller waits for an
- * unlock and tries again rather than fail: locking has no error path.
+/* Is there room for one more range in the list?  Grows it by doubling.
+ * Must be called with m->lock held.
  */
+static bool
+reserve (struct aclone_map *m)
+{
+  if (m->nlocked < m->caplocked)
+    return true;
+  size_t nc = m->caplocked ? m->caplocked * 2 : 64;
+  struct aclone_range_lock *nl = realloc (m->locked, nc * sizeof *nl);
+  if (!nl)
+    return false;
+  m->locked = nl;
+  m->caplocked = nc;
+  return true;
+}
+
+/* Must be called with m->lock held, no overlap and room reserved. */
 static void
 insert (struct aclone_map *m, uint64_t first, uint64_t count)
 {
-  if (m->nlocked == m->caplocked) {
-    size_t nc = m->caplocked ? m->caplocked * 2 : 64;
-    struct aclone_range_lock *nl;
-    while (!(nl = realloc (m->locked, nc * sizeof *nl)))
-      pthread_cond_wait (&m->unlocked, &m->lock);    /* memory pressure: wait */
-    m->locked = nl;
-    m->caplocked = nc;
-  }
   m->locked[m->nlocked++] = (struct aclone_range_lock) { first, count };
 }
 
+/* Waits while the range overlaps a locked one, or while memory is too
+ * short to record it (an unlock frees a slot): locking has no error path,
+ * and both conditions are checked again after every wake-up.
+ */
 void
 aclone_map_lock (struct aclone_map *m, uint64_t first, uint64_t count)
 {
   pthread_mutex_lock (&m->lock);
-  while (overlaps (m, first, count))
+  while (overlaps (m, first, count) || !reserve (m))
     pthread_cond_wait (&m->unlocked, &m->lock);
   insert (m, first, count);
   pthread_mutex_unlock (&m->lock);
 }
 
+/* Never waits: false when the range overlaps, or memory is short. */
 bool
 aclone_map_trylock (struct aclone_map *m, uint64_t first, uint64_t count)
 {
   bool ok;
 
   pthread_mutex_lock (&m->lock);
-  ok = !overlaps (m, first, count);
+  ok = !overlaps (m, first, count) && reserve (m);
   if (ok)
     insert (m, first, count);
   pthread_mutex_unlock (&m->lock);

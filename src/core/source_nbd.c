@@ -52,6 +52,7 @@
 #include <bsd/string.h>
 
 #include "aclone/source.h"
+#include "aclone/clock.h"
 
 struct nbd_source {
   struct aclone_source base;

@@ -150,7 +150,7 @@ class BadInputTest(CloneTest):
         """Sizes and booleans mean what they mean in every nbdkit plugin."""
         for params in (["block-size=64k", "copy-on-read=on", "hydrate=no"],
                        ["block-size=65536", "copy-on-read=yes", "hydrate=off",
-                        "hydrate-rate=1M", "hydrate-batch=256k"]):
+                        "hydrate-rate=1MiB", "hydrate-batch=256KB"]):
             m = os.path.join(self.tmp, "n%d.meta" % len(params))
             d = os.path.join(self.tmp, "n%d.img" % len(params))
             c = self.clone(self.src, name="n%d" % len(params), dest=d, meta=m,

@@ -19,6 +19,7 @@
 
 #include "aclone/meta.h"
 #include "aclone/crc32c.h"
+#include "aclone/size.h"
 #include "fakes.h"
 
 struct fx {
@@ -609,6 +610,27 @@ test_region_sizes (void **state)
   assert_int_equal (aclone_crc32c ("123456789", 9), 0xe3069283);
 }
 
+/* Size spellings handed on to nbdkit's and libbsd's parsers. */
+static void
+test_size_spellings (void **state)
+{
+  static const char *const ok[][2] = {
+    { "65536", "65536" }, { "64K", "64K" }, { "64KiB", "64K" }, { "1MB", "1M" },
+    { "2gib", "2g" }, { "010M", "10M" }, { "0", "0" }, { "512B", "512" },
+  };
+  static const char *const bad[] = { "", "K", "1.5M", "64Kx", "50Mjunk",
+                                     "0x10M", "-1", "1 M", "1KK" };
+  char out[32];
+  (void) state;
+
+  for (size_t i = 0; i < sizeof ok / sizeof *ok; i++) {
+    assert_true (aclone_size_spelling (ok[i][0], out, sizeof out));
+    assert_string_equal (out, ok[i][1]);
+  }
+  for (size_t i = 0; i < sizeof bad / sizeof *bad; i++)
+    assert_false (aclone_size_spelling (bad[i], out, sizeof out));
+}
+
 int
 main (void)
 {
@@ -628,6 +650,7 @@ main (void)
     cmocka_unit_test_setup_teardown (test_truncated_and_extended, setup, teardown),
     cmocka_unit_test_setup_teardown (test_not_meta, setup, teardown),
     cmocka_unit_test (test_region_sizes),
+    cmocka_unit_test (test_size_spellings),
   };
   /* ACLONE_TEST_FILTER=NAME (a glob) runs only the tests it matches:
    * tests/mutants/run picks the one that must catch a mutant.
