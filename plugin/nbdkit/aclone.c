@@ -311,24 +311,20 @@ same_endpoint (const struct sockaddr_storage *l, const struct sockaddr_storage *
   }
 }
 
-/* Find the client connections nbdkit accepted: the sockets whose local
- * address is that of one of nbdkit's listening sockets (our own source
- * connections have other local addresses).  With shut, shut down their
- * read side.  Returns how many there are.  (nbdkit has no API for this
- * before 1.34's nbdkit_disconnect, and that one only acts on the calling
- * connection.  Nor can .close count them: nbdkit skips it once it is
- * quitting.)
+/* One socket of this process: its fd, whether it listens, its address. */
+struct sock {
+  int fd;
+  bool listening;
+  struct sockaddr_storage addr;
+};
+
+/* Fill socks (up to max) with this process's sockets, skipping the fds
+ * in skip[nskip].  Returns how many.
  */
-static unsigned
-client_sockets (bool shut)
+static size_t
+scan_sockets (struct sock *socks, size_t max, const int *skip, size_t nskip)
 {
-  struct sock {
-    int fd;
-    bool listening;
-    struct sockaddr_storage addr;
-  } socks[256];
   size_t n = 0;
-  unsigned done = 0;
   DIR *d = opendir ("/proc/self/fd");
 
   if (!d) {
@@ -336,12 +332,15 @@ client_sockets (bool shut)
     return 0;
   }
   struct dirent *e;
-  while ((e = readdir (d)) != NULL && n < sizeof socks / sizeof *socks) {
+  while ((e = readdir (d)) != NULL && n < max) {
     int fd = atoi (e->d_name);
     struct stat st;
     int acc = 0;
     socklen_t len = sizeof acc;
-    if (e->d_name[0] == '.' || fd == dirfd (d) ||
+    bool skipped = false;
+    for (size_t k = 0; k < nskip; k++)
+      skipped |= skip[k] == fd;
+    if (skipped || e->d_name[0] == '.' || fd == dirfd (d) ||
         fstat (fd, &st) < 0 || !S_ISSOCK (st.st_mode) ||
         getsockopt (fd, SOL_SOCKET, SO_ACCEPTCONN, &acc, &len) < 0)
       continue;
@@ -354,11 +353,51 @@ client_sockets (bool shut)
     n++;
   }
   closedir (d);
+  return n;
+}
+
+/* nbdkit's listening sockets, found once at after_fork, before nbdkit's
+ * main loop runs: at a stop nbdkit closes them while the stop watcher
+ * looks for clients, so the watcher must not touch those fds then.
+ */
+#define MAX_LISTENERS 16
+static struct sock listeners[MAX_LISTENERS];
+static size_t nlisteners;
+static int listener_fds[MAX_LISTENERS];
+
+static void
+find_listeners (void)
+{
+  struct sock socks[256];
+  size_t n = scan_sockets (socks, 256, NULL, 0);
+
+  for (size_t i = 0; i < n && nlisteners < MAX_LISTENERS; i++)
+    if (socks[i].listening) {
+      listener_fds[nlisteners] = socks[i].fd;
+      listeners[nlisteners++] = socks[i];
+    }
+}
+
+/* Find the client connections nbdkit accepted: the sockets whose local
+ * address is that of one of nbdkit's listening sockets (our own source
+ * connections have other local addresses).  With shut, shut down their
+ * read side.  Returns how many there are.  (nbdkit has no API for this
+ * before 1.34's nbdkit_disconnect, and that one only acts on the calling
+ * connection.  Nor can .close count them: nbdkit skips it once it is
+ * quitting.)
+ */
+static unsigned
+client_sockets (bool shut)
+{
+  struct sock socks[256];
+  size_t n = scan_sockets (socks, 256, listener_fds, nlisteners);
+  unsigned done = 0;
+
   for (size_t i = 0; i < n; i++) {
     if (socks[i].listening)
       continue;
-    for (size_t j = 0; j < n; j++)
-      if (socks[j].listening && same_endpoint (&socks[j].addr, &socks[i].addr)) {
+    for (size_t j = 0; j < nlisteners; j++)
+      if (same_endpoint (&listeners[j].addr, &socks[i].addr)) {
         if (shut)
           shutdown (socks[i].fd, SHUT_RD);
         done++;
@@ -503,6 +542,8 @@ aclone_after_fork (void)
   /* The hydrator sets the live page's controls; start it first so that
    * the first published state already reflects them.
    */
+  /* First, while no thread of ours opens or closes sockets. */
+  find_listeners ();
   hcfg.connections = source_connections;
   if (aclone_hydrator_start (the_clone, &hcfg, &err) < 0 ||
       aclone_clone_start (the_clone, &err) < 0) {
