@@ -9,7 +9,7 @@ import time
 
 import nbd
 
-from harness import (CloneTest, PROMPT, main, read_all, sha, status,
+from harness import (CloneTest, PROMPT, cli, main, read_all, sha, status,
                      wait_for, write_random_file)
 
 MiB = 1 << 20
@@ -56,9 +56,12 @@ class OutageTest(CloneTest):
         with open(src_path, "rb") as f:
             want = f.read()
         src = self.source_file(src_path)
-        c = self.clone(src, hydrate_rate="4M", source_timeout="20")
+        # Paused until just before the outage, however slowly the server
+        # started: the region read below must still be on the source.
+        c = self.clone(src, hydrate="false", hydrate_rate="4M", source_timeout="20")
         h = c.connect()
         self.assertEqual(h.pread(RS, 0), want[:RS])          # region 0 hydrated
+        cli("resume", self.meta)
         self.status_becomes(state="hydrating")
         src.stop(signal.SIGKILL)
         # Hydrated regions are served throughout, without waiting for the
@@ -200,9 +203,12 @@ class HungSourceTest(CloneTest):
         # closing a hung connection is exactly what we test.
         src = self.server("source", ["--threads=1", "file", src_path])
         timeout = 8             # above PROMPT: "at once" is told from it
-        c = self.clone(src, hydrate_rate="2M", source_timeout=str(timeout))
+        # Paused until just before the hang (see test_source_outage_and_return).
+        c = self.clone(src, hydrate="false", hydrate_rate="2M",
+                       source_timeout=str(timeout))
         h = c.connect()
         self.assertEqual(h.pread(RS, 0), want[:RS])
+        cli("resume", self.meta)
         self.status_becomes(state="hydrating")
         os.kill(src.proc.pid, signal.SIGSTOP)
         self.cleanups.append(lambda: os.kill(src.proc.pid, signal.SIGCONT))
@@ -227,9 +233,10 @@ class HungSourceTest(CloneTest):
     def test_stop_while_source_hangs(self):
         src_path, _ = self.random_file(16 * MiB, seed=9)
         src = self.server("source", ["--threads=1", "file", src_path])
-        c = self.clone(src, hydrate_rate="1M", source_timeout="30")
+        c = self.clone(src, hydrate="false", hydrate_rate="1M", source_timeout="30")
         h = c.connect()
         h.pread(RS, 0)
+        cli("resume", self.meta)
         self.status_becomes(state="hydrating")
         os.kill(src.proc.pid, signal.SIGSTOP)
         self.cleanups.append(lambda: os.kill(src.proc.pid, signal.SIGCONT))
