@@ -76,5 +76,6 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
     walk (path);
     free (copy);
   }
+  unlink (path);                 /* leave nothing behind in /tmp */
   return 0;
 }
