@@ -383,8 +383,8 @@ clone_pread (struct aclone_clone *c, void *buf, uint32_t count,
     return failed_pread (c, buf, count, offset);
 
   /* After a failed dest write, copy-on-read rests for a while. */
-  bool copy = c->copy_on_read &&
-              aclone_now_ns () >= atomic_load (&c->cor_retry_ns);
+  uint64_t retry = atomic_load (&c->cor_retry_ns);
+  bool copy = c->copy_on_read && (retry == 0 || aclone_now_ns () >= retry);
   int ret = 0;
   atomic_fetch_add (&c->fg_active, 1);
   atomic_store_explicit (&c->fg_last_ns, aclone_now_ns (), memory_order_relaxed);
