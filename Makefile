@@ -88,7 +88,7 @@ check-normal: build
 VALGRIND = valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite
 # (Not the ring test: valgrind does not model io_uring's shared rings, and
 # ASan and TSan run it instead.)
-VALGRIND_TESTS = meta map clone powerloss
+VALGRIND_TESTS = meta map clone powerloss fgctl
 check-valgrind: build
 	$(MESON_TEST) -C $(BUILD) --wrapper '$(VALGRIND)' --logbase valgrind \
 	  $(VALGRIND_TESTS)
@@ -96,8 +96,8 @@ check-valgrind: build
 # AddressSanitizer + UndefinedBehaviorSanitizer.  The plugin is loaded by
 # an uninstrumented nbdkit, so the ASan runtime is preloaded into it
 # (ACLONE_TEST_PRELOAD); leak checks run on the unit tests.
-SAN_TESTS = meta map clone ring powerloss device reused_dest integrity concurrency \
-            faults hydration
+SAN_TESTS = meta map clone ring powerloss fgctl device reused_dest integrity \
+            concurrency faults hydration foreground
 $(SAN_BUILD)/build.ninja:
 	$(MESON) setup $(SAN_BUILD) -Db_sanitize=address,undefined -Db_lundef=false \
 	  -Dc_args=-fno-sanitize-recover=all -Dc_link_args=-fno-sanitize-recover=all
@@ -110,10 +110,11 @@ check-san: deps $(SAN_BUILD)/build.ninja
 	ACLONE_STRESS_SECONDS=4 ACLONE_KILL_ROUNDS=12 \
 	  $(MESON_TEST) -C $(SAN_BUILD) $(SAN_TESTS)
 
-# ThreadSanitizer: the unit tests and the concurrency test (4 clients and
-# the hydrator's workers on shared regions).  As with ASan, the runtime is
+# ThreadSanitizer: the unit tests, the concurrency test (4 clients and
+# the hydrator's workers on shared regions) and the foreground test (the
+# copy-on-read writer and the controller).  As with ASan, the runtime is
 # preloaded into nbdkit; a report in a server's log fails the test.
-TSAN_TESTS = meta map clone ring powerloss concurrency
+TSAN_TESTS = meta map clone ring powerloss fgctl concurrency foreground
 $(TSAN_BUILD)/build.ninja:
 	$(MESON) setup $(TSAN_BUILD) -Db_sanitize=thread -Db_lundef=false
 

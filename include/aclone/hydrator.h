@@ -18,6 +18,7 @@
 struct aclone_hydrator_config {
   bool start_paused;           /* hydrate=false */
   uint64_t rate;               /* bytes/s, 0 = unlimited */
+  uint64_t floor;              /* progress floor, bytes/s, 0 = default */
   uint64_t batch;              /* bytes per copy request */
   unsigned depth;              /* copies in flight */
   unsigned connections;        /* async source connections, all workers */

@@ -79,6 +79,25 @@ enum aclone_state {
   ACLONE_STATE_FAILED = 6,       /* a sync failed: nothing more is committed */
 };
 
+/* Why hydration's window is what it is (the foreground-first controller,
+ * aclone-design(7)), published in the live page.
+ */
+enum aclone_fg_reason {
+  ACLONE_FG_OPEN = 0,            /* growing: the source is fast, no client */
+  ACLONE_FG_DEPTH = 1,           /* at the hard depth (hydrate-depth, set) */
+  ACLONE_FG_CLIENT = 2,          /* cut: client requests in progress */
+  ACLONE_FG_LATENCY = 3,         /* cut: the source's latency rose */
+  ACLONE_FG_FLOOR = 4,           /* below the progress floor: no cuts */
+};
+
+static inline const char *
+aclone_fg_reason_name (uint64_t r)
+{
+  static const char *const names[] = { "open", "depth", "client",
+                                       "latency", "floor" };
+  return r < sizeof names / sizeof names[0] ? names[r] : "unknown";
+}
+
 #define ACLONE_LIVE_MAGIC 0x4556494c454e4f4cULL   /* "LONELIVE" */
 
 /* Live page.  Every field is read and written with relaxed atomics as a
@@ -98,7 +117,19 @@ struct aclone_live {
   uint64_t errors;
   uint64_t rate;              /* bytes/s copied, recent */
   uint64_t started_ns;        /* CLOCK_REALTIME when this server started */
-  uint64_t reserved[21];
+  /* The foreground-first controller (0 when not hydrating). */
+  uint64_t fg_window;         /* bytes hydration may have in flight */
+  uint64_t fg_base_ns;        /* the source's base latency, one batch read */
+  uint64_t fg_cur_ns;         /* its current latency */
+  uint64_t fg_reason;         /* enum aclone_fg_reason */
+  uint64_t fg_client_cuts;    /* window cuts for clients, this run */
+  uint64_t fg_idle;           /* 1: copy threads at idle CPU/IO priority */
+  uint64_t cor_behind;        /* copy-on-read replies sent before their
+                               * dest write, this run */
+  uint64_t cor_pending;       /* bytes of such writes not landed yet */
+  uint64_t ctl_floor;         /* control: progress floor, bytes/s
+                               * (0 = default, a tenth of the best rate) */
+  uint64_t reserved[12];
   char     last_error[256];
   /* Control: written by "aclone pause|resume|set", polled by the server. */
   uint64_t ctl_pause;         /* 1 = paused */

@@ -122,7 +122,13 @@ enum param_kind { P_URI, P_PATH, P_SIZE, P_BOOL, P_UINT };
      "hydrate-batch=SIZE     Largest copy in one request (default 1M; at most\n" \
      "                       the source's maximum request, 32M if none).\n") \
   P ("hydrate-depth", P_UINT, &hcfg.depth, 1, ACLONE_HYDRATOR_MAX_DEPTH, \
-     "hydrate-depth=N        Copies in flight (default 32).\n")
+     "hydrate-depth=N        Most copies in flight (default 32); a controller\n" \
+     "                       keeps fewer while clients are busy.\n") \
+  P ("hydrate-floor", P_SIZE, &hcfg.floor, 0, INT64_MAX, \
+     "hydrate-floor=SIZE     Progress floor in bytes/s: below it, clients no\n" \
+     "                       longer slow hydration (default 0 = a tenth of\n" \
+     "                       the best rate seen).\n")
+
 
 struct param {
   const char *key;

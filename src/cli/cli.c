@@ -5,7 +5,7 @@
  *   aclone inspect [--map] META
  *   aclone wait [--timeout S] META
  *   aclone pause META | aclone resume META
- *   aclone set META rate=SIZE depth=N
+ *   aclone set META rate=SIZE depth=N floor=SIZE
  *   aclone verify [--json] META --source URI --dest PATH [--tls-...]
  *   aclone attach [--device /dev/nbdN] [--timeout S] [--reconnect S] URI
  *
@@ -52,8 +52,10 @@ static const char usage_text[] =
   "  wait [--timeout S] META     block until the clone is complete\n"
   "  pause META                  pause background hydration\n"
   "  resume META                 resume background hydration\n"
-  "  set META rate=SIZE depth=N  hydration rate limit in bytes/s (0 = none),\n"
-  "                              copies in flight (0 = server default)\n"
+  "  set META [rate=SIZE] [depth=N] [floor=SIZE]\n"
+  "                              hydration rate limit in bytes/s (0 = none),\n"
+  "                              copies in flight (0 = server default),\n"
+  "                              progress floor in bytes/s (0 = default)\n"
   "  attach [--device /dev/nbdN] [--timeout S] [--reconnect S] URI\n"
   "                              attach URI to a kernel NBD device and keep\n"
   "                              it attached across server restarts\n"
@@ -86,6 +88,11 @@ struct status {
   char last_error[256];
   double percent;
   int64_t eta;                 /* seconds, -1 unknown */
+  /* The foreground-first controller, while a server hydrates. */
+  uint64_t window, base_ns, cur_ns, client_cuts, cor_behind, cor_pending;
+  uint64_t floor;
+  const char *why;
+  bool idle;
 };
 
 /* Text from the metadata file is not trusted: control characters and
@@ -149,6 +156,15 @@ read_status (const char *path, const struct aclone_meta *m, struct status *s)
       s->pid = (int64_t) live_u64 ((const uint64_t *) &l->pid);
       s->in_flight = live_u64 (&l->in_flight);
       s->rate = live_u64 (&l->rate);
+      s->window = live_u64 (&l->fg_window);
+      s->base_ns = live_u64 (&l->fg_base_ns);
+      s->cur_ns = live_u64 (&l->fg_cur_ns);
+      s->why = aclone_fg_reason_name (live_u64 (&l->fg_reason));
+      s->client_cuts = live_u64 (&l->fg_client_cuts);
+      s->idle = live_u64 (&l->fg_idle) != 0;
+      s->cor_behind = live_u64 (&l->cor_behind);
+      s->cor_pending = live_u64 (&l->cor_pending);
+      s->floor = live_u64 (&l->ctl_floor);
     }
     s->updated = live_u64 (&l->heartbeat_ns) / 1e9;
     s->bytes_copied = live_u64 (&l->bytes_copied);
@@ -312,6 +328,19 @@ cmd_status (int argc, char **argv)
     json_add_u64 (o, "errors", s.errors);
     json_object_object_add (o, "last_error", json_object_new_string (s.last_error));
     json_object_object_add (o, "source", json_object_new_string (s.hdr.source));
+    if (s.in_use) {
+      struct json_object *f = json_object_new_object ();
+      json_add_u64 (f, "window", s.window);
+      json_add_double (f, "base_latency_ms", s.base_ns / 1e6, "%.3f");
+      json_add_double (f, "latency_ms", s.cur_ns / 1e6, "%.3f");
+      json_object_object_add (f, "limited_by", json_object_new_string (s.why));
+      json_add_u64 (f, "client_cuts", s.client_cuts);
+      json_object_object_add (f, "idle_priority", json_object_new_boolean (s.idle));
+      json_add_u64 (f, "floor", s.floor);
+      json_add_u64 (f, "cor_behind", s.cor_behind);
+      json_add_u64 (f, "cor_pending", s.cor_pending);
+      json_object_object_add (o, "foreground", f);
+    }
     json_print (o);
     return EXIT_SUCCESS;
   }
@@ -337,6 +366,13 @@ cmd_status (int argc, char **argv)
       printf ("eta:           %lld s\n", (long long) s.eta);
     else
       printf ("eta:           unknown\n");
+    if (s.window) {
+      char b5[32];
+      printf ("window:        %s in flight, limited by %s\n",
+              human (s.window, b5, sizeof b5), s.why);
+      printf ("source delay:  %.1f ms now, %.1f ms base\n", s.cur_ns / 1e6,
+              s.base_ns / 1e6);
+    }
   }
   printf ("errors:        %llu\n", (unsigned long long) s.errors);
   if (s.last_error[0])
@@ -495,10 +531,15 @@ cmd_wait (int argc, char **argv)
   }
 }
 
+/* A change to the control fields; -1 leaves a field as it is. */
+struct control_change {
+  int64_t pause, rate, depth, floor;
+};
+#define CONTROL_UNCHANGED { -1, -1, -1, -1 }
+
 /* Write control fields: pause, resume, set. */
 static int
-control (const char *path, const int64_t *pause, const int64_t *rate,
-         const int64_t *depth)
+control (const char *path, const struct control_change *ch)
 {
   struct aclone_meta *m;
 
@@ -510,12 +551,14 @@ control (const char *path, const int64_t *pause, const int64_t *rate,
     return EXIT_FAILURE;
   }
   struct aclone_live *l = m->live;
-  if (pause)
-    __atomic_store_n (&l->ctl_pause, (uint64_t) *pause, __ATOMIC_RELAXED);
-  if (rate)
-    __atomic_store_n (&l->ctl_rate, (uint64_t) *rate, __ATOMIC_RELAXED);
-  if (depth)
-    __atomic_store_n (&l->ctl_depth, (uint64_t) *depth, __ATOMIC_RELAXED);
+  if (ch->pause >= 0)
+    __atomic_store_n (&l->ctl_pause, (uint64_t) ch->pause, __ATOMIC_RELAXED);
+  if (ch->rate >= 0)
+    __atomic_store_n (&l->ctl_rate, (uint64_t) ch->rate, __ATOMIC_RELAXED);
+  if (ch->depth >= 0)
+    __atomic_store_n (&l->ctl_depth, (uint64_t) ch->depth, __ATOMIC_RELAXED);
+  if (ch->floor >= 0)
+    __atomic_store_n (&l->ctl_floor, (uint64_t) ch->floor, __ATOMIC_RELAXED);
   __atomic_add_fetch (&l->ctl_seq, 1, __ATOMIC_RELAXED);
   aclone_meta_close (m);
   return EXIT_SUCCESS;
@@ -524,40 +567,54 @@ control (const char *path, const int64_t *pause, const int64_t *rate,
 static int
 cmd_pause_resume (int argc, char **argv, bool pause)
 {
+  struct control_change ch = CONTROL_UNCHANGED;
+
   if (argc != 2)
     return usage (pause ? "pause: expected one META file"
                         : "resume: expected one META file");
-  int64_t v = pause;
-  return control (argv[1], &v, NULL, NULL);
+  ch.pause = pause;
+  return control (argv[1], &ch);
+}
+
+/* A size in bytes/s for set's rate= and floor=; -1 if it is not one. */
+static int64_t
+parse_rate (const char *s)
+{
+  uint64_t v;
+  char plain[32];
+
+  if (!aclone_size_spelling (s, plain, sizeof plain) ||
+      expand_number (plain, &v) < 0 || v > INT64_MAX)
+    return -1;
+  return (int64_t) v;
 }
 
 static int
 cmd_set (int argc, char **argv)
 {
-  int64_t rate = -1, depth = -1;
+  struct control_change ch = CONTROL_UNCHANGED;
 
   if (argc < 3)
-    return usage ("set: expected META and rate=SIZE and/or depth=N");
+    return usage ("set: expected META and rate=SIZE, depth=N and/or floor=SIZE");
   for (int i = 2; i < argc; i++) {
     if (strncmp (argv[i], "rate=", 5) == 0) {
-      uint64_t v;
-      char plain[32];
-      if (!aclone_size_spelling (argv[i] + 5, plain, sizeof plain) ||
-          expand_number (plain, &v) < 0 || v > INT64_MAX)
+      if ((ch.rate = parse_rate (argv[i] + 5)) < 0)
         return usage ("set: rate= takes a size in bytes/s, like 50M");
-      rate = v;
+    }
+    else if (strncmp (argv[i], "floor=", 6) == 0) {
+      if ((ch.floor = parse_rate (argv[i] + 6)) < 0)
+        return usage ("set: floor= takes a size in bytes/s, like 5M");
     }
     else if (strncmp (argv[i], "depth=", 6) == 0) {
       unsigned v;
       if (parse_number ("depth=", argv[i] + 6, 1024, &v) < 0)
         return EXIT_USAGE;
-      depth = v;
+      ch.depth = v;
     }
     else
-      return usage ("set: unknown setting (rate=SIZE, depth=N)");
+      return usage ("set: unknown setting (rate=SIZE, depth=N, floor=SIZE)");
   }
-  return control (argv[1], NULL, rate >= 0 ? &rate : NULL,
-                  depth >= 0 ? &depth : NULL);
+  return control (argv[1], &ch);
 }
 
 static int

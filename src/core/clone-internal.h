@@ -79,6 +79,11 @@ struct aclone_clone {
   atomic_uint requests;          /* client requests inside the gate */
 
   struct aclone_hydrator *hydrator;  /* owned by hydrator.c */
+
+  /* Copy-on-read writes behind replies: set by aclone_clone_start
+   * before requests come, stopped at shutdown after they drained.
+   */
+  struct aclone_writebehind *wb;
 };
 
 /* Enter FAILED, for good, with cause (printf-style): logs once and
@@ -99,6 +104,19 @@ void aclone_clone_source_put (struct aclone_clone *c);
  */
 int aclone_clone_dest_failed (struct aclone_clone *c, int r, const char *what,
                               uint64_t off);
+
+/* The one place a copy into dest ends.  A copy of regions [first,
+ * first+count) into dest bytes [off, off+len) finished its write with wr
+ * (0 or -errno).  Success: mark them hydrated (and written, for a
+ * client's read-modify-write) and count the bytes.  Failure: they stay
+ * unhydrated (a later copy redoes them), D is no longer known zero, and
+ * copy-on-read rests for a second.  Returns wr.  Must be called with the
+ * regions' lock held, after the write: marking first would let a commit
+ * record data D does not hold (invariant 1).
+ */
+int aclone_clone_copy_landed (struct aclone_clone *c, uint64_t first,
+                              uint64_t count, uint64_t off, uint64_t len,
+                              int wr, bool written);
 
 /* Hydrate regions [first, first+count) that are not hydrated yet, by
  * copying from the source; optionally fill out[] with device bytes

@@ -8,8 +8,9 @@
  * at region boundaries into runs of regions in the same state:
  *
  *   read,  hydrated run    D, no lock
- *   read,  unhydrated run  copy-on-read: lock, copy S->D, serve from the
- *                          copy; without copy-on-read: S, no lock
+ *   read,  unhydrated run  copy-on-read: lock, read S, reply, and write D
+ *                          behind the reply (writebehind.h), which marks
+ *                          and unlocks; without copy-on-read: S, no lock
  *   write, hydrated        D, no lock
  *   write, unhydrated      whole regions: lock, write D, mark hydrated;
  *                          a partial region: lock, read S, merge, write
@@ -75,6 +76,7 @@
 #include <bsd/string.h>
 
 #include "clone-internal.h"
+#include "writebehind.h"
 #include "aclone/clock.h"
 
 /* Largest run one foreground copy locks and buffers. */
@@ -82,6 +84,9 @@
 
 /* How long copy-on-read pauses after its dest write failed. */
 #define COR_BACKOFF_NS 1000000000ull
+
+/* Copy-on-read writes queued behind their replies, at most. */
+#define COR_BEHIND_MAX_BYTES (64u << 20)
 
 
 /* Byte range of regions [first, first+count). */
@@ -244,6 +249,84 @@ dest_reads_zero (struct aclone_clone *c)
 }
 
 int
+aclone_clone_copy_landed (struct aclone_clone *c, uint64_t first,
+                          uint64_t count, uint64_t off, uint64_t len, int wr,
+                          bool written)
+{
+  if (wr < 0) {
+    aclone_clone_dest_failed (c, wr, "write", off);
+    atomic_store (&c->cor_retry_ns, aclone_now_ns () + COR_BACKOFF_NS);
+    return wr;
+  }
+  if (written)
+    aclone_map_set_written (&c->map, first, count);
+  aclone_map_set_hydrated (&c->map, first, count);
+  atomic_fetch_add (&c->bytes_copied, len);
+  return 0;
+}
+
+/* Write a copy to dest and land it (aclone_clone_copy_landed). */
+static int
+land_copy (struct aclone_clone *c, uint64_t first, uint64_t count,
+           const char *buf, uint64_t off, size_t len, bool written)
+{
+  return aclone_clone_copy_landed (c, first, count, off, len,
+                                   aclone_dest_pwrite (c->dest, buf, len, off),
+                                   written);
+}
+
+/* The write-behind's land callback: runs on its writer thread, owns the
+ * regions' lock (see writebehind.h).
+ */
+static void
+cor_land (void *opaque, const struct aclone_wb_copy *w)
+{
+  struct aclone_clone *c = opaque;
+
+  land_copy (c, w->first, w->count, w->buf, w->off, w->len, false);
+  atomic_fetch_sub (&c->in_flight, w->len);
+  aclone_map_unlock (&c->map, w->first, w->count);
+}
+
+/* Copy-on-read of regions [first, first+count), locked by the caller,
+ * with the write behind the reply.  Reads them whole from the source and
+ * fills out[] with device bytes [out_off, out_off+out_len).  Returns
+ *   1   done, and the lock is gone: the writer owns it, or the copy
+ *       landed in line (queue full) and unlocked;
+ *   0   not done, nothing changed: some region is hydrated already, or
+ *       there is no write-behind; the caller copies in line;
+ *   <0  -errno of the source read; the caller still holds the lock.
+ */
+static int
+cor_behind (struct aclone_clone *c, uint64_t first, uint64_t count,
+            void *out, uint64_t out_off, size_t out_len)
+{
+  uint64_t b0 = region_start (c, first), len = region_end (c, first + count) - b0;
+  bool hydrated;
+  char *buf;
+  int r;
+
+  if (!c->wb ||
+      aclone_map_run_state (&c->map, first, count, &hydrated) != count ||
+      hydrated || !(buf = malloc (len)))
+    return 0;
+  atomic_fetch_add (&c->in_flight, len);
+  r = source_read (c, buf, len, b0);
+  if (r < 0) {
+    atomic_fetch_sub (&c->in_flight, len);
+    free (buf);
+    return r;
+  }
+  memcpy (out, buf + (out_off - b0), out_len);
+  struct aclone_wb_copy w = { first, count, b0, len, buf };
+  if (aclone_writebehind_queue (c->wb, &w))
+    return 1;
+  cor_land (c, &w);                    /* full: in line, as without it */
+  free (buf);
+  return 1;
+}
+
+int
 aclone_clone_copy_locked (struct aclone_clone *c, uint64_t first,
                           uint64_t count, void *out, uint64_t out_off,
                           size_t out_len)
@@ -288,21 +371,13 @@ aclone_clone_copy_locked (struct aclone_clone *c, uint64_t first,
       atomic_fetch_add (&c->in_flight, len);
       ret = source_read (c, buf, len, b0);
       if (ret == 0) {
-        int wr = aclone_dest_pwrite (c->dest, buf, len, b0);
-        if (wr < 0) {
-          /* The data was read: a client gets it all the same, and the
-           * regions stay unhydrated for a later copy.  Only a copy done
-           * for its own sake (out == NULL) fails.
-           */
-          aclone_clone_dest_failed (c, wr, "write", b0);
-          atomic_store (&c->cor_retry_ns, aclone_now_ns () + COR_BACKOFF_NS);
-          if (!out)
-            ret = wr;
-        }
-        else {
-          aclone_map_set_hydrated (&c->map, r, n);
-          atomic_fetch_add (&c->bytes_copied, len);
-        }
+        /* A failed write leaves the regions unhydrated; the data was
+         * read, so a client gets it all the same.  Only a copy done for
+         * its own sake (out == NULL) fails.
+         */
+        int wr = land_copy (c, r, n, buf, b0, len, false);
+        if (wr < 0 && !out)
+          ret = wr;
         if (ret == 0 && o0 < o1 && buf == bounce)
           memcpy ((char *) out + (o0 - out_off), bounce + (o0 - b0), o1 - o0);
       }
@@ -412,8 +487,13 @@ clone_pread (struct aclone_clone *c, void *buf, uint32_t count,
     else {
       if (copy) {
         aclone_map_lock (&c->map, r, n);
-        ret = aclone_clone_copy_locked (c, r, n, p, pos, seg_end - pos);
-        aclone_map_unlock (&c->map, r, n);
+        ret = cor_behind (c, r, n, p, pos, seg_end - pos);
+        if (ret == 0)
+          ret = aclone_clone_copy_locked (c, r, n, p, pos, seg_end - pos);
+        if (ret != 1)
+          aclone_map_unlock (&c->map, r, n);
+        else
+          ret = 0;
       }
       else {
         ret = source_read (c, p, seg_end - pos, pos);
@@ -504,16 +584,10 @@ apply_partial (struct aclone_clone *c, const struct wop *w, uint64_t r,
             memcpy (buf + (pos - b0), data, len);
           else
             memset (buf + (pos - b0), 0, len);
-          ret = aclone_dest_pwrite (c->dest, buf, b1 - b0, b0);
-          if (ret < 0)
-            aclone_clone_dest_failed (c, ret, "write", b0);
+          ret = land_copy (c, r, 1, buf, b0, b1 - b0, true);
         }
         atomic_fetch_sub (&c->in_flight, b1 - b0);
         free (buf);
-        if (ret == 0) {
-          mark_written_hydrated (c, r, 1);
-          atomic_fetch_add (&c->bytes_copied, b1 - b0);
-        }
       }
       aclone_map_unlock (&c->map, r, 1);
       return ret;
@@ -921,6 +995,10 @@ aclone_clone_publish (struct aclone_clone *c, enum aclone_state state)
   LIVE_STORE (in_flight, atomic_load (&c->in_flight));
   LIVE_STORE (errors, atomic_load (&c->errors));
   LIVE_STORE (rate, atomic_load (&c->rate));
+  if (c->wb) {
+    LIVE_STORE (cor_behind, aclone_writebehind_queued (c->wb));
+    LIVE_STORE (cor_pending, aclone_writebehind_pending (c->wb));
+  }
   pthread_mutex_lock (&c->err_lock);
   /* Once failed, the cause stays in view whatever comes after it. */
   const char *msg = aclone_clone_mode (c) == ACLONE_MODE_FAILED ? c->fail_cause
@@ -986,6 +1064,11 @@ aclone_clone_start (struct aclone_clone *c, struct aclone_error *err)
   LIVE_STORE (pid, (int64_t) getpid ());
   LIVE_STORE (started_ns, aclone_wall_ns ());
   aclone_clone_publish (c, current_state (c));
+  if (c->copy_on_read && aclone_clone_mode (c) == ACLONE_MODE_HYDRATING) {
+    r = aclone_writebehind_start (cor_land, c, COR_BEHIND_MAX_BYTES, &c->wb);
+    if (r < 0)
+      return aclone_error_set (err, -r, "cannot start copy-on-read writer");
+  }
   r = pthread_create (&c->ticker, NULL, ticker, c);
   if (r != 0)
     return aclone_error_set (err, r, "cannot start commit thread");
@@ -1230,7 +1313,13 @@ aclone_clone_shutdown (struct aclone_clone *c, unsigned drain_ms)
   }
   bool drained = atomic_load (&c->requests) == 0;
 
-  /* 3. Stop the ticker and commit for the last time. */
+  /* 3. Land the copy-on-read writes behind replies, so that the final
+   * commit marks them.  (A request still inside finds the writer
+   * stopped and writes in line.)
+   */
+  aclone_writebehind_stop (c->wb);
+
+  /* 4. Stop the ticker and commit for the last time. */
   if (c->ticker_running) {
     pthread_mutex_lock (&c->tick_lock);
     pthread_cond_signal (&c->tick_cond);
@@ -1253,7 +1342,7 @@ aclone_clone_shutdown (struct aclone_clone *c, unsigned drain_ms)
   __atomic_store_n (&c->meta->live->pid, 0, __ATOMIC_RELAXED);
   atomic_store (&c->run, ACLONE_RUN_STOPPED);
 
-  /* 4. Release the lock, so that a new server may start at once, but
+  /* 5. Release the lock, so that a new server may start at once, but
    * only when no request can still write: one stuck inside keeps it
    * until the process exits.  A failed clone commits nothing more, so
    * its lock goes too.
@@ -1274,6 +1363,7 @@ aclone_clone_close (struct aclone_clone *c)
   if (!c)
     return;
   aclone_clone_shutdown (c, 10000);
+  aclone_writebehind_free (c->wb);
   aclone_source_close (c->src);
   aclone_dest_close (c->dest);
   aclone_meta_close (c->meta);

@@ -48,16 +48,23 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
+#include <sched.h>
+#include <stdio.h>
 #include <sys/param.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+
+#include <linux/ioprio.h>
 
 #include <libnbd.h>
 #include <liburing.h>
 
 #include "aclone/hydrator.h"
 #include "clone-internal.h"
+#include "fgctl.h"
 #include "aclone/clock.h"
 
 
@@ -66,7 +73,9 @@
 #define NEAR_BATCHES     8                   /* batches after a read miss */
 #define MAX_CONNS        64
 #define HYDRATOR_NICE    10                  /* below client threads */
-#define FG_WINDOW_NS     10000000ull         /* clients "active": 10 ms */
+#define FG_WINDOW_NS      5000000ull         /* clients "active": 5 ms */
+#define PUBLISH_NS      100000000ull         /* controller to live page */
+#define FLOOR_DEFAULT_DIV 10                 /* floor: a tenth of the best */
 #define STOP_DRAIN_NS    1000000000ull       /* reads finishing at stop */
 #define STALL_CHECK_NS    200000000ull       /* how often to look for hangs */
 
@@ -80,6 +89,7 @@ struct batch {
   uint64_t roff, rlen;        /* source read: [off, off+len) made whole
                                * min_block blocks; buf holds it */
   unsigned pending;           /* its nbd_aio_pread pieces not yet back */
+  unsigned long long issued_ns;   /* when its read was sent */
   bool issuing;               /* issue_read is still sending pieces */
   int conn;
   int error;                  /* errno of the read */
@@ -108,6 +118,8 @@ struct worker {
   bool started;
 
   uint64_t batch_regions;
+  uint64_t pick_regions;      /* this turn's batch: smaller for clients */
+  bool idle;                  /* this thread runs at idle priority */
   uint64_t lo, hi;            /* regions this worker sweeps */
   uint64_t cursor;            /* next region of the sweep */
   uint64_t near, near_left;   /* locality: where and how many batches */
@@ -120,8 +132,8 @@ struct worker {
   /* backoff after failures */
   unsigned long long backoff_ns, resume_at;
 
-  /* rate measurement */
-  unsigned long long meas_time;
+  /* rate measurement (worker 0) */
+  unsigned long long meas_time, publish_time;
   uint64_t meas_bytes;
 
   /* ring engine */
@@ -144,6 +156,13 @@ struct aclone_hydrator {
   atomic_bool scanned;        /* worker 0 finished the zero scan */
   atomic_bool finishing;      /* one worker runs finish() */
   unsigned n;
+
+  /* The foreground-first controller, shared by the workers. */
+  pthread_mutex_t fg_lock;    /* protects fg */
+  struct aclone_fgctl fg;
+  atomic_bool idle;           /* copy threads should run at idle priority */
+  uint64_t smooth_rate;       /* owned by worker 0: copy rate, smoothed */
+  uint64_t best_rate;         /* ...and the best smooth_rate seen */
   struct worker w[];
 };
 
@@ -185,24 +204,39 @@ paused (struct worker *h)
   return CTL (h, ctl_pause) != 0;
 }
 
+/* Are clients being served: a request in progress, or one that began
+ * within FG_WINDOW_NS (a client at queue depth 1 has nothing in progress
+ * between its requests)?
+ */
+static bool
+clients_active (struct worker *h)
+{
+  unsigned long long last = atomic_load_explicit (&h->c->fg_last_ns,
+                                                  memory_order_relaxed);
+  return atomic_load (&h->c->fg_active) > 0 ||
+         (last && aclone_now_ns () - last < FG_WINDOW_NS);
+}
+
+/* How many batches this worker may have in flight now: the controller's
+ * window (never above the hard depth, hydrate-depth or `aclone set`),
+ * split between the workers so that the shares add up to it exactly; a
+ * window below the number of workers leaves some of them idle.  While
+ * clients are active, batches are also a quarter of their size, so that
+ * a client's miss queues behind less of them on a shared link.
+ */
 static unsigned
 depth_limit (struct worker *h)
 {
+  struct aclone_hydrator *hy = h->hy;
   uint64_t d = CTL (h, ctl_depth);
-  unsigned depth = d ? (unsigned) MIN (d, ACLONE_HYDRATOR_MAX_DEPTH) : h->cfg.depth;
-  /* This worker's share; the shares add up to the depth exactly, so a
-   * depth below the number of workers leaves some of them idle.
-   */
-  depth = depth / h->hy->n + (h->id < depth % h->hy->n);
-  /* Foreground first: while clients are active (a request in progress
-   * or begun in the last FG_WINDOW), a quarter of the depth.
-   */
-  unsigned long long last = atomic_load_explicit (&h->c->fg_last_ns,
-                                                  memory_order_relaxed);
-  if (depth > 1 && (atomic_load (&h->c->fg_active) > 0 ||
-                    (last && aclone_now_ns () - last < FG_WINDOW_NS)))
-    depth = MAX (depth / 4, 1u);
-  return depth;
+  unsigned cap = d ? (unsigned) MIN (d, ACLONE_HYDRATOR_MAX_DEPTH) : h->cfg.depth;
+  bool client = clients_active (h);
+
+  pthread_mutex_lock (&hy->fg_lock);
+  unsigned w = aclone_fgctl_window (&hy->fg, aclone_now_ns (), client, cap);
+  pthread_mutex_unlock (&hy->fg_lock);
+  h->pick_regions = client ? MAX (h->batch_regions / 4, 1u) : h->batch_regions;
+  return w / hy->n + (h->id < w % hy->n);
 }
 
 /* Token bucket with debt: a batch may start while the bucket is not
@@ -255,24 +289,120 @@ succeeded (struct worker *h)
   atomic_store (&h->c->backing_off, false);
 }
 
-/* Update the copy rate the live page shows, about once a second. */
+static bool
+all_hydrated (struct worker *h)
+{
+  return atomic_load (&h->c->map.nr_hydrated) == h->c->map.regions;
+}
+
+/* Give this thread (and the io_uring workers it created, which run its
+ * buffered writes) idle CPU and I/O priority, or back normal priority at
+ * nice HYDRATOR_NICE.  SCHED_IDLE rather than a nice level alone: a
+ * client thread that wakes up preempts an idle one at once, where nice
+ * only shares the core out over time.  Failure only costs latency.
+ */
+static void
+copy_priority (struct worker *h, bool idle)
+{
+  char prefix[32];
+  int n = snprintf (prefix, sizeof prefix, "iou-wrk-%d", (int) gettid ());
+  struct sched_param sp = { 0 };
+  int policy = idle ? SCHED_IDLE : SCHED_OTHER;
+  int ioprio = idle ? IOPRIO_PRIO_VALUE (IOPRIO_CLASS_IDLE, 0)
+                    : IOPRIO_PRIO_VALUE (IOPRIO_CLASS_BE, 7);
+  pid_t tids[64];
+  unsigned ntids = 0;
+
+  tids[ntids++] = gettid ();
+  DIR *d = opendir ("/proc/self/task");
+  struct dirent *e;
+  while (d && (e = readdir (d)) != NULL && ntids < 64) {
+    char path[300], comm[32] = "";
+    if (e->d_name[0] == '.')
+      continue;
+    snprintf (path, sizeof path, "/proc/self/task/%s/comm", e->d_name);
+    FILE *f = fopen (path, "r");
+    if (!f)
+      continue;
+    if (fgets (comm, sizeof comm, f) && strncmp (comm, prefix, n) == 0 &&
+        (comm[n] == '\n' || comm[n] == '\0'))
+      tids[ntids++] = atoi (e->d_name);
+    fclose (f);
+  }
+  if (d)
+    closedir (d);
+  for (unsigned i = 0; i < ntids; i++) {
+    if (sched_setscheduler (tids[i], policy, &sp) < 0 && i == 0)
+      aclone_clone_log (h->c, 0, "hydrator %u: sched_setscheduler: %s",
+                        h->id, strerror (errno));
+    if (!idle)
+      setpriority (PRIO_PROCESS, tids[i], HYDRATOR_NICE);
+    syscall (SYS_ioprio_set, IOPRIO_WHO_PROCESS, tids[i], ioprio);
+  }
+  h->idle = idle;
+}
+
+/* Once a second (worker 0): measure the copy rate for the live page and
+ * feed it to the controller's progress floor; ten times a second, show
+ * the controller's state in the live page.  Every worker follows the
+ * idle-or-not decision here.
+ */
 static void
 measure (struct worker *h)
 {
+  struct aclone_hydrator *hy = h->hy;
+  struct aclone_clone *c = h->c;
   unsigned long long now = aclone_now_ns ();
-  uint64_t bytes = atomic_load (&h->c->bytes_copied);
+  uint64_t bytes = atomic_load (&c->bytes_copied);
 
+  if (h->idle != atomic_load (&hy->idle))
+    copy_priority (h, !h->idle);
   if (h->id != 0)
-    return;                            /* one worker measures for all */
+    return;
   if (h->meas_time == 0) {
     h->meas_time = now;
     h->meas_bytes = bytes;
   }
   else if (now - h->meas_time >= 1000000000ull) {
     uint64_t r = (bytes - h->meas_bytes) * 1e9 / (now - h->meas_time);
-    atomic_store (&h->c->rate, r);
+    atomic_store (&c->rate, r);
     h->meas_time = now;
     h->meas_bytes = bytes;
+
+    /* The floor: as the operator set it, else a tenth of the best rate
+     * seen (a tenth of the link, once it has been filled); never above
+     * half the rate limit, which would hold it under the floor for good.
+     * It is held against the rate smoothed over a few seconds: a rate
+     * limit or a slow source copies in bursts, not every second.
+     */
+    bool could_run = !paused (h) && !atomic_load (&c->backing_off) &&
+                     !all_hydrated (h);
+    uint64_t limit = CTL (h, ctl_rate), floor = CTL (h, ctl_floor);
+    hy->smooth_rate = hy->smooth_rate ? (3 * hy->smooth_rate + r) / 4 : r;
+    if (could_run && hy->smooth_rate > hy->best_rate)
+      hy->best_rate = hy->smooth_rate;
+    if (!floor)
+      floor = hy->best_rate / FLOOR_DEFAULT_DIV;
+    if (limit)
+      floor = MIN (floor, limit / 2);
+    pthread_mutex_lock (&hy->fg_lock);
+    bool boost = aclone_fgctl_second (&hy->fg, hy->smooth_rate, floor, could_run);
+    pthread_mutex_unlock (&hy->fg_lock);
+    atomic_store (&hy->idle, !boost);
+  }
+  if (now - h->publish_time >= PUBLISH_NS) {
+    struct aclone_live *l = c->meta->live;
+    h->publish_time = now;
+    pthread_mutex_lock (&hy->fg_lock);
+    struct aclone_fgctl fg = hy->fg;
+    pthread_mutex_unlock (&hy->fg_lock);
+    __atomic_store_n (&l->fg_window, (uint64_t) fg.window * h->cfg.batch,
+                      __ATOMIC_RELAXED);
+    __atomic_store_n (&l->fg_base_ns, aclone_fgctl_base (&fg), __ATOMIC_RELAXED);
+    __atomic_store_n (&l->fg_cur_ns, aclone_fgctl_current (&fg), __ATOMIC_RELAXED);
+    __atomic_store_n (&l->fg_reason, fg.reason, __ATOMIC_RELAXED);
+    __atomic_store_n (&l->fg_client_cuts, fg.client_cuts, __ATOMIC_RELAXED);
+    __atomic_store_n (&l->fg_idle, atomic_load (&hy->idle), __ATOMIC_RELAXED);
   }
 }
 
@@ -378,11 +508,11 @@ pick (struct worker *h, struct batch *b)
     bool near = h->near_left > 0;
     if (near) {
       r = aclone_map_next_unhydrated (m, h->near);
-      if (r >= m->regions || r > h->near + h->batch_regions) {
+      if (r >= m->regions || r > h->near + h->pick_regions) {
         h->near_left = 0;
         continue;
       }
-      n = aclone_map_run (m, r, h->batch_regions);
+      n = aclone_map_run (m, r, h->pick_regions);
       h->near = r + n;
       h->near_left--;
     }
@@ -403,7 +533,7 @@ pick (struct worker *h, struct batch *b)
         h->cursor = h->lo;             /* wrap: a new sweep */
         continue;
       }
-      n = aclone_map_run (m, r, MIN (h->batch_regions, h->hi - r));
+      n = aclone_map_run (m, r, MIN (h->pick_regions, h->hi - r));
       scanned += r + n - h->cursor;
       h->cursor = r + n;
     }
@@ -427,12 +557,6 @@ pick (struct worker *h, struct batch *b)
     return true;
   }
   return false;
-}
-
-static bool
-all_hydrated (struct worker *h)
-{
-  return atomic_load (&h->c->map.nr_hydrated) == h->c->map.regions;
 }
 
 /* May a new batch start now? */
@@ -502,16 +626,16 @@ read_done (void *opaque, int *error)
   return 1;                            /* retire the command */
 }
 
+/* A batch is done: ok, its dest write landed (and is marked); else it
+ * failed, and its regions stay unhydrated.  Unlocks them.
+ */
 static void
 batch_release (struct worker *h, struct batch *b, bool ok)
 {
   struct aclone_clone *c = h->c;
 
-  if (ok) {
-    aclone_map_set_hydrated (&c->map, b->first, b->n);
-    atomic_fetch_add (&c->bytes_copied, b->len);
+  if (ok)
     succeeded (h);
-  }
   else
     failed (h);
   atomic_fetch_sub (&c->in_flight, b->len);
@@ -611,6 +735,7 @@ issue_read (struct worker *h, struct batch *b)
     b->error = 0;
     b->pending = 0;
     b->issuing = true;
+    b->issued_ns = aclone_now_ns ();
     while (pos < end) {
       uint64_t n = MIN (end - pos, h->max_request);
       if (pos < whole && pos + n > whole)
@@ -707,6 +832,12 @@ reads_finished (struct worker *h)
       h->conns[b->conn].busy--;
       h->conns[b->conn].progress_ns = aclone_now_ns ();
     }
+    if (!b->error) {
+      pthread_mutex_lock (&h->hy->fg_lock);
+      aclone_fgctl_sample (&h->hy->fg, aclone_now_ns (),
+                           aclone_now_ns () - b->issued_ns);
+      pthread_mutex_unlock (&h->hy->fg_lock);
+    }
     if (b->error) {
       aclone_clone_error (h->c, "hydrator: source %s: read %llu bytes at %llu: %s",
                           h->c->meta->hdr.source,
@@ -781,8 +912,9 @@ handle_cqe (struct worker *h, struct io_uring_cqe *cqe)
     struct batch *b = &h->batches[idx];
     if (cqe->res <= 0) {
       /* A full dest answers 0 bytes written, or ENOSPC. */
-      aclone_clone_dest_failed (h->c, cqe->res < 0 ? cqe->res : -ENOSPC,
-                                "hydrator write", b->off + b->done);
+      aclone_clone_copy_landed (h->c, b->first, b->n, b->off + b->done,
+                                b->len, cqe->res < 0 ? cqe->res : -ENOSPC,
+                                false);
       batch_release (h, b, false);
     }
     else {
@@ -791,6 +923,8 @@ handle_cqe (struct worker *h, struct io_uring_cqe *cqe)
         issue_write (h, idx);          /* short write: the rest */
       else {
         start_writeback (h, b);
+        aclone_clone_copy_landed (h->c, b->first, b->n, b->off, b->len, 0,
+                                  false);
         batch_release (h, b, true);
       }
     }
@@ -988,6 +1122,8 @@ finish (struct worker *h)
   if (aclone_clone_mode (c) == ACLONE_MODE_COMPLETE) {
     aclone_clone_release_source (c);
     atomic_store (&c->rate, 0);
+    __atomic_store_n (&c->meta->live->fg_window, 0, __ATOMIC_RELAXED);
+    __atomic_store_n (&c->meta->live->fg_reason, ACLONE_FG_OPEN, __ATOMIC_RELAXED);
     /* (A failure right now shows at the ticker's next publish.) */
     if (aclone_clone_mode (c) == ACLONE_MODE_COMPLETE)
       aclone_clone_publish (c, ACLONE_STATE_COMPLETE);
@@ -1009,9 +1145,13 @@ worker_main (void *arg)
    * priority; copies take what CPU is left.  (io-wq helpers this thread
    * creates inherit the niceness.)  Failure only costs latency.
    */
+  char name[16];
+  snprintf (name, sizeof name, "aclone-copy%u", h->id);
+  pthread_setname_np (pthread_self (), name);
   if (setpriority (PRIO_PROCESS, gettid (), HYDRATOR_NICE) < 0)
     aclone_clone_log (h->c, 0, "hydrator %u: setpriority: %s", h->id,
                       strerror (errno));
+  copy_priority (h, true);
 
   /* Worker 0 scans for zero extents first; the others wait for it, so
    * that nobody copies what the scan would skip.
@@ -1074,6 +1214,7 @@ worker_init (struct aclone_hydrator *hy, unsigned k, struct aclone_clone *c,
   h->cfg.batch = MAX ((uint64_t) c->region_size,
                       MIN (cfg->batch, h->max_request) & ~((uint64_t) c->region_size - 1));
   h->batch_regions = h->cfg.batch >> c->map.shift;
+  h->pick_regions = h->batch_regions;
   /* Room for the read widened to whole min_block blocks. */
   h->buf_len = (h->batch_regions << c->map.shift) +
                (h->min_block > c->region_size ? 2 * h->min_block : 0);
@@ -1112,6 +1253,7 @@ hydrator_free (struct aclone_hydrator *hy)
       free (h->batches[i].buf);
     free (h->batches);
   }
+  pthread_mutex_destroy (&hy->fg_lock);
   free (hy);
 }
 
@@ -1146,11 +1288,16 @@ aclone_hydrator_start (struct aclone_clone *c,
   if (!hy)
     return aclone_error_set (err, ENOMEM, "hydrator");
   hy->n = n;
+  pthread_mutex_init (&hy->fg_lock, NULL);
+  aclone_fgctl_init (&hy->fg, MAX (1u, MIN (cfg->depth, ACLONE_HYDRATOR_MAX_DEPTH)),
+                     cfg->batch, aclone_now_ns ());
+  atomic_store (&hy->idle, true);
 
   /* The command line sets the starting controls; the CLI changes them. */
   __atomic_store_n (&live->ctl_pause, cfg->start_paused ? 1 : 0, __ATOMIC_RELAXED);
   __atomic_store_n (&live->ctl_rate, cfg->rate, __ATOMIC_RELAXED);
   __atomic_store_n (&live->ctl_depth, 0, __ATOMIC_RELAXED);
+  __atomic_store_n (&live->ctl_floor, cfg->floor, __ATOMIC_RELAXED);
 
   for (unsigned k = 0; k < n; k++) {
     unsigned share = conns / n + (k < conns % n);

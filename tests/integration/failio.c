@@ -4,7 +4,9 @@
  * disk's do, at a moment the test chooses, inside a real nbdkit server.
  * While the file named by FAILIO_SYNC_TRIGGER exists, fdatasync and
  * fsync of the file FAILIO_PATH fail with EIO; while FAILIO_WRITE_TRIGGER
- * exists, pwrite to it fails with EIO.  Every other call, and every call
+ * exists, pwrite to it fails with EIO; while FAILIO_HOLD_TRIGGER exists,
+ * pwrite to it waits (up to 20 s), a dest write that has not landed yet.
+ * Every other call, and every call
  * on another file, goes to libc.  (The hydrator's io_uring writes are not
  * seen here: they fail through a full dest instead, in the tests.)
  */
@@ -72,6 +74,8 @@ pwrite (int fd, const void *buf, size_t count, off_t offset)
     errno = EIO;
     return -1;
   }
+  for (int i = 0; i < 2000 && should_fail (fd, "FAILIO_HOLD_TRIGGER"); i++)
+    usleep (10000);
   return real (fd, buf, count, offset);
 }
 

@@ -20,6 +20,7 @@ import nbd
 
 PLUGIN = os.environ.get("ACLONE_PLUGIN", "build/plugin/aclone.so")
 CLI = os.environ.get("ACLONE_CLI", "build/src/aclone")
+FAILIO = os.environ.get("ACLONE_FAILIO", "build/tests/integration/failio.so")
 # A sanitizer build's plugin needs its runtime preloaded into nbdkit (and
 # the CLI); the test process itself runs without it.
 SANITIZER_ENV = {}
@@ -323,6 +324,23 @@ class CloneTest(unittest.TestCase):
         env = {}
         env.update(SANITIZER_ENV)
         return self.server(name, args, env, tcp_port)
+
+    def failio_clone(self, src, name="clone", **params):
+        """A clone under tests/integration/failio.c: while self.sync_trigger
+        exists its dest syncs fail, while self.write_trigger exists its
+        dest pwrites fail, while self.hold_trigger exists they wait."""
+        self.sync_trigger = os.path.join(self.tmp, "fail-sync")
+        self.write_trigger = os.path.join(self.tmp, "fail-write")
+        self.hold_trigger = os.path.join(self.tmp, "hold-write")
+        preload = " ".join(p for p in (SANITIZER_ENV.get("LD_PRELOAD"),
+                                       os.path.abspath(FAILIO)) if p)
+        env = {"LD_PRELOAD": preload, "FAILIO_PATH": os.path.realpath(self.dest),
+               "FAILIO_SYNC_TRIGGER": self.sync_trigger,
+               "FAILIO_WRITE_TRIGGER": self.write_trigger,
+               "FAILIO_HOLD_TRIGGER": self.hold_trigger}
+        args = ["%s=%s" % (k.replace("_", "-"), v) for k, v in params.items()]
+        return self.server(name, [PLUGIN, "source=" + src.uri, "dest=" + self.dest,
+                                  "meta=" + self.meta] + args, env)
 
     def status_becomes(self, timeout=5, **want):
         """The live page is published once a second: wait until the status

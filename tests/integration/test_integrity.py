@@ -25,7 +25,6 @@ from harness import (CloneTest, SANITIZER_ENV, cli, main, read_all, sha,
 
 MiB = 1 << 20
 RS = 64 * 1024
-FAILIO = os.environ.get("ACLONE_FAILIO", "build/tests/integration/failio.so")
 
 
 def expect_error(test, errno_name, fn, *args):
@@ -35,21 +34,6 @@ def expect_error(test, errno_name, fn, *args):
 
 
 class IntegrityTest(CloneTest):
-
-    def failio_clone(self, src, name="clone", **params):
-        """A clone whose dest syncs fail while self.sync_trigger exists and
-        whose dest pwrites fail while self.write_trigger exists."""
-        self.sync_trigger = os.path.join(self.tmp, "fail-sync")
-        self.write_trigger = os.path.join(self.tmp, "fail-write")
-        preload = " ".join(p for p in (SANITIZER_ENV.get("LD_PRELOAD"),
-                                       os.path.abspath(FAILIO)) if p)
-        env = {"LD_PRELOAD": preload, "FAILIO_PATH": os.path.realpath(self.dest),
-               "FAILIO_SYNC_TRIGGER": self.sync_trigger,
-               "FAILIO_WRITE_TRIGGER": self.write_trigger}
-        args = ["%s=%s" % (k.replace("_", "-"), v) for k, v in params.items()]
-        from harness import PLUGIN
-        return self.server(name, [PLUGIN, "source=" + src.uri, "dest=" + self.dest,
-                                  "meta=" + self.meta] + args, env)
 
     def unhydrated_ranges(self):
         lines = cli("inspect", "--map", self.meta).stdout.splitlines()

@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "clone-internal.h"
+#include "writebehind.h"
 #include "aclone/hydrator.h"
 #include "fakes.h"
 
@@ -137,6 +138,75 @@ test_read_copy_on_read (void **state)
   assert_true (aclone_map_hydrated (&f->c->map, REGIONS - 1));
   /* Copied: region 1, then 0, 2 and 3, then the tail. */
   assert_int_equal (atomic_load (&f->c->bytes_copied), 4 * RS + 1234);
+}
+
+/* Make dest refuse writes from now on (EBADF): the clone's fd becomes a
+ * read-only one of the same file.
+ */
+static void
+dest_refuses_writes (struct fx *f)
+{
+  int fd = open (f->dest, O_RDONLY | O_CLOEXEC);
+  assert_true (fd >= 0);
+  assert_int_equal (dup2 (fd, f->c->dest->fd), f->c->dest->fd);
+  close (fd);
+}
+
+/* A copy-on-read whose dest write fails still serves the read; the
+ * region stays unhydrated, the error is counted, D is no longer known
+ * zero, and copy-on-read rests (the next miss does not copy).
+ */
+static void
+test_read_copy_on_read_dest_fails (void **state)
+{
+  struct fx *f = *state;
+  unsigned char buf[3000];
+
+  must_open (f, true);
+  dest_refuses_writes (f);
+  assert_int_equal (aclone_clone_pread (f->c, buf, sizeof buf, RS + 100), 0);
+  assert_memory_equal (buf, f->model + RS + 100, sizeof buf);
+  assert_false (aclone_map_hydrated (&f->c->map, 1));
+  assert_int_equal (atomic_load (&f->c->errors), 1);
+  assert_false (atomic_load (&f->c->dest_zero));
+  assert_int_equal (aclone_clone_pread (f->c, buf, sizeof buf, 3 * RS), 0);
+  assert_memory_equal (buf, f->model + 3 * RS, sizeof buf);
+  assert_int_equal (atomic_load (&f->c->errors), 1);   /* no copy tried */
+  assert_int_equal (atomic_load (&f->c->bytes_copied), 0);
+}
+
+/* Started, copy-on-read writes behind its replies: the reply holds the
+ * source's data; the region is hydrated once the write lands (at the
+ * latest when shutdown drains the writer), and D holds it.  A write that
+ * fails behind the reply leaves its region unhydrated.
+ */
+static void
+test_read_copy_on_read_behind (void **state)
+{
+  struct fx *f = *state;
+  struct aclone_error err;
+  unsigned char buf[3000], d[RS];
+
+  must_open (f, true);
+  assert_int_equal (aclone_clone_start (f->c, &err), 0);
+  assert_non_null (f->c->wb);
+  assert_int_equal (aclone_clone_pread (f->c, buf, sizeof buf, RS + 100), 0);
+  assert_memory_equal (buf, f->model + RS + 100, sizeof buf);
+  for (int i = 0; i < 2000 && !aclone_map_hydrated (&f->c->map, 1); i++)
+    usleep (1000);
+  assert_true (aclone_map_hydrated (&f->c->map, 1));
+  read_file (f->dest, d, RS, RS);
+  assert_memory_equal (d, f->model + RS, RS);
+  dest_refuses_writes (f);
+  assert_int_equal (aclone_clone_pread (f->c, buf, sizeof buf, 2 * RS), 0);
+  assert_memory_equal (buf, f->model + 2 * RS, sizeof buf);
+  assert_int_equal (aclone_clone_shutdown (f->c, 1000), 0);
+  assert_int_equal (aclone_writebehind_queued (f->c->wb), 2);
+  assert_int_equal (aclone_writebehind_pending (f->c->wb), 0);
+  assert_false (aclone_map_hydrated (&f->c->map, 2));
+  assert_int_equal (atomic_load (&f->c->errors), 1);
+  assert_int_equal (atomic_load (&f->c->bytes_copied), RS);
+  assert_int_equal (atomic_load (&f->c->in_flight), 0);
 }
 
 static void
@@ -872,6 +942,8 @@ main (void)
 #define T(name) cmocka_unit_test_setup_teardown (name, setup, teardown)
   const struct CMUnitTest tests[] = {
     T (test_read_copy_on_read),
+    T (test_read_copy_on_read_dest_fails),
+    T (test_read_copy_on_read_behind),
     T (test_read_without_copy),
     T (test_write_whole_regions_no_copy),
     T (test_write_partial_rmw),

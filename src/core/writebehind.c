@@ -1,0 +1,161 @@
+/* aclone: copy-on-read write-behind: a FIFO of copies and the one thread
+ * that lands them.  See writebehind.h for the protocol.
+ *
+ * Locking: wb->lock protects the queue, pending and stopping; the land
+ * callback runs without it (it does I/O), on the writer thread only.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+
+#include "writebehind.h"
+
+struct item {
+  struct aclone_wb_copy w;
+  struct item *next;
+};
+
+struct aclone_writebehind {
+  aclone_wb_land_fn land;
+  void *opaque;
+  size_t max_bytes;
+  pthread_t thread;
+
+  pthread_mutex_t lock;
+  pthread_cond_t cond;               /* queue not empty, or stopping */
+  struct item *head, *tail;
+  uint64_t pending;                  /* bytes queued or landing */
+  uint64_t queued;                   /* copies queued, cumulative */
+  bool stopping;
+  bool joined;                       /* stop has joined, or is joining */
+};
+
+static void *
+writer (void *arg)
+{
+  struct aclone_writebehind *wb = arg;
+
+  pthread_mutex_lock (&wb->lock);
+  for (;;) {
+    while (!wb->head && !wb->stopping)
+      pthread_cond_wait (&wb->cond, &wb->lock);
+    struct item *it = wb->head;
+    if (!it)
+      break;                         /* stopping, and nothing left */
+    wb->head = it->next;
+    if (!wb->head)
+      wb->tail = NULL;
+    pthread_mutex_unlock (&wb->lock);
+    wb->land (wb->opaque, &it->w);
+    free (it->w.buf);
+    pthread_mutex_lock (&wb->lock);
+    wb->pending -= it->w.len;
+    free (it);
+  }
+  pthread_mutex_unlock (&wb->lock);
+  return NULL;
+}
+
+int
+aclone_writebehind_start (aclone_wb_land_fn land, void *opaque,
+                          size_t max_bytes, struct aclone_writebehind **out)
+{
+  struct aclone_writebehind *wb = calloc (1, sizeof *wb);
+  int r;
+
+  if (!wb)
+    return -ENOMEM;
+  wb->land = land;
+  wb->opaque = opaque;
+  wb->max_bytes = max_bytes;
+  pthread_mutex_init (&wb->lock, NULL);
+  pthread_cond_init (&wb->cond, NULL);
+  r = pthread_create (&wb->thread, NULL, writer, wb);
+  if (r != 0) {
+    pthread_mutex_destroy (&wb->lock);
+    pthread_cond_destroy (&wb->cond);
+    free (wb);
+    return -r;
+  }
+  *out = wb;
+  return 0;
+}
+
+bool
+aclone_writebehind_queue (struct aclone_writebehind *wb,
+                          const struct aclone_wb_copy *w)
+{
+  struct item *it;
+  bool ok = false;
+
+  if (!wb || !(it = malloc (sizeof *it)))
+    return false;
+  it->w = *w;
+  it->next = NULL;
+  pthread_mutex_lock (&wb->lock);
+  /* One copy larger than the bound still goes, into an empty queue. */
+  if (!wb->stopping &&
+      (wb->pending == 0 || wb->pending + w->len <= wb->max_bytes)) {
+    if (wb->tail)
+      wb->tail->next = it;
+    else
+      wb->head = it;
+    wb->tail = it;
+    wb->pending += w->len;
+    wb->queued++;
+    pthread_cond_signal (&wb->cond);
+    ok = true;
+  }
+  pthread_mutex_unlock (&wb->lock);
+  if (!ok)
+    free (it);
+  return ok;
+}
+
+uint64_t
+aclone_writebehind_pending (struct aclone_writebehind *wb)
+{
+  uint64_t v;
+
+  pthread_mutex_lock (&wb->lock);
+  v = wb->pending;
+  pthread_mutex_unlock (&wb->lock);
+  return v;
+}
+
+uint64_t
+aclone_writebehind_queued (struct aclone_writebehind *wb)
+{
+  uint64_t v;
+
+  pthread_mutex_lock (&wb->lock);
+  v = wb->queued;
+  pthread_mutex_unlock (&wb->lock);
+  return v;
+}
+
+void
+aclone_writebehind_stop (struct aclone_writebehind *wb)
+{
+  if (!wb)
+    return;
+  pthread_mutex_lock (&wb->lock);
+  bool joined = wb->joined;
+  wb->stopping = true;
+  wb->joined = true;
+  pthread_cond_signal (&wb->cond);
+  pthread_mutex_unlock (&wb->lock);
+  if (!joined)
+    pthread_join (wb->thread, NULL);
+}
+
+void
+aclone_writebehind_free (struct aclone_writebehind *wb)
+{
+  if (!wb)
+    return;
+  aclone_writebehind_stop (wb);
+  pthread_mutex_destroy (&wb->lock);
+  pthread_cond_destroy (&wb->cond);
+  free (wb);
+}

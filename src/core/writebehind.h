@@ -1,0 +1,76 @@
+/* aclone: copy-on-read write-behind (aclone-design(7), "FOREGROUND
+ * FIRST").  Internal to the core library.
+ *
+ * A client's read miss reads whole regions from the source, and with
+ * copy-on-read they are also written to dest.  The client should not wait
+ * for that write: its data is in hand.  So the reply goes out first and
+ * the write is handed here, to one writer thread, together with the
+ * region lock, which the reading thread took and does not release:
+ *
+ *   1. the client thread locks the regions, reads them from the source,
+ *      copies its part into the reply, and queues {regions, buffer};
+ *   2. it replies; the regions stay locked and unhydrated;
+ *   3. the writer lands the write (the land callback: write dest, mark
+ *      the regions hydrated, or record the failure), then unlocks them
+ *      and frees the buffer.
+ *
+ * Because the lock is held until step 3, a client write to those regions
+ * waits for the copy as before, the hydrator skips them, and a commit
+ * cannot mark them before their data is written: a commit marks only
+ * regions hydrated in core, which step 3 does after the write, and it
+ * syncs dest before it writes the bitmap (invariant 1).  A crash before
+ * step 3 leaves them unhydrated: their data is still the source's.
+ *
+ * The queue holds at most max_bytes; beyond that (dest slower than the
+ * source), queueing fails and the caller writes in line, as without
+ * write-behind: memory stays bounded and dest backpressure reaches the
+ * client that causes it.
+ */
+#ifndef ACLONE_WRITEBEHIND_H
+#define ACLONE_WRITEBEHIND_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct aclone_writebehind;
+
+/* One queued copy: regions [first, first+count), locked by the caller;
+ * buf (from malloc) holds dest bytes [off, off+len).
+ */
+struct aclone_wb_copy {
+  uint64_t first, count;
+  uint64_t off;
+  size_t len;
+  char *buf;
+};
+
+/* Lands one copy: write it, mark it or record the failure, unlock the
+ * regions.  The writer frees buf afterwards.
+ */
+typedef void (*aclone_wb_land_fn) (void *opaque, const struct aclone_wb_copy *w);
+
+/* Start the writer thread.  Returns 0 or -errno. */
+int aclone_writebehind_start (aclone_wb_land_fn land, void *opaque,
+                              size_t max_bytes,
+                              struct aclone_writebehind **out);
+
+/* Hand w over.  true: queued, the writer owns w's lock and buffer from
+ * now on.  false (full, or stopping): the caller still owns them.
+ */
+bool aclone_writebehind_queue (struct aclone_writebehind *wb,
+                               const struct aclone_wb_copy *w);
+
+/* Bytes queued and not landed yet; copies queued since start. */
+uint64_t aclone_writebehind_pending (struct aclone_writebehind *wb);
+uint64_t aclone_writebehind_queued (struct aclone_writebehind *wb);
+
+/* Refuse new copies from now on, land every queued one, and join the
+ * writer.  Safe with NULL, and twice.
+ */
+void aclone_writebehind_stop (struct aclone_writebehind *wb);
+
+/* Free a stopped write-behind.  Safe with NULL. */
+void aclone_writebehind_free (struct aclone_writebehind *wb);
+
+#endif

@@ -1,0 +1,268 @@
+"""Integration: foreground first (issue 11).  Behaviour, not timing:
+
+- copy threads run at idle CPU and I/O priority (SCHED_IDLE, ioprio idle);
+- while clients have requests in progress, the controller cuts
+  hydration's window, and the source sees no more hydration reads in
+  flight than the window; when they stop, the window opens again;
+- a progress floor (`aclone set floor=`) suspends those cuts;
+- a copy-on-read reply goes out before its dest write lands; the region
+  stays locked and unhydrated until it does (a client write waits); a
+  crash between the reply and the write loses nothing that was flushed.
+
+Timing targets (how much faster the guest runs) are tests/bench/run's."""
+import os
+import signal
+import threading
+import time
+
+import nbd
+
+from harness import (PROMPT, CloneTest, cli, main, read_all, sha, status,
+                     wait_for, write_random_file)
+from test_hydration import peak_reads
+
+MiB = 1 << 20
+RS = 64 * 1024
+
+
+def threads(pid):
+    """{tid: (name, sched policy)} of a process."""
+    out = {}
+    for tid in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/comm" % (pid, tid)) as f:
+                name = f.read().strip()
+            with open("/proc/%d/task/%s/stat" % (pid, tid)) as f:
+                stat = f.read()
+        except OSError:
+            continue                       # the thread just ended
+        # Fields after the ")" that ends the name: policy is field 41.
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[int(tid)] = (name, int(fields[41 - 3]))
+    return out
+
+
+def ioprio_class(tid):
+    """The I/O priority class of a thread (1 rt, 2 best-effort, 3 idle,
+    0 none), through the ioprio_get system call."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    SYS_ioprio_get = 252                   # x86_64
+    v = libc.syscall(SYS_ioprio_get, 1, tid)   # IOPRIO_WHO_PROCESS
+    if v < 0:
+        raise OSError(ctypes.get_errno(), "ioprio_get %d" % tid)
+    return v >> 13
+
+
+class BusyClient:
+    """A client that always has requests in progress: 4 reads of 4 KiB in
+    flight at once, within [0, span), until stopped."""
+
+    def __init__(self, server, span):
+        self.h = server.connect()
+        self.span = span
+        self.stop_flag = False
+        self.reads = 0
+        self.t = threading.Thread(target=self.run)
+        self.t.start()
+
+    def run(self):
+        off = 0
+        while not self.stop_flag:
+            while self.h.aio_in_flight() < 4:
+                self.h.aio_pread(nbd.Buffer(4096), off)
+                off = (off + 4096) % self.span
+            self.h.poll(-1)
+            while True:
+                cookie = self.h.aio_peek_command_completed()
+                if not cookie:
+                    break
+                self.h.aio_command_completed(cookie)
+                self.reads += 1
+
+    def stop(self):
+        self.stop_flag = True
+        self.t.join(30)
+        self.h.shutdown()
+
+
+class ForegroundTest(CloneTest):
+
+    def slow_source(self, size, delay="20ms"):
+        """A random source whose every read takes `delay`, logged."""
+        self.src_path = os.path.join(self.tmp, "source.img")
+        write_random_file(self.src_path, size, seed=11)
+        self.log = os.path.join(self.tmp, "source-requests.log")
+        return self.source_file(self.src_path, filters=["log", "delay"],
+                                extra=["logfile=" + self.log, "rdelay=" + delay])
+
+    def test_copy_threads_idle_priority(self):
+        """Every copy thread, and the io_uring workers that run its
+        writes, is SCHED_IDLE with idle I/O priority; nbdkit's request
+        threads are not."""
+        src = self.slow_source(64 * MiB)
+        # Limited to 1 MiB/s, it copies for a minute: the threads are
+        # still there when they are looked at.
+        c = self.clone(src, hydrate_rate="1M", hydrate_batch="256K")
+        wait_for(lambda: any(n.startswith("aclone-copy")
+                             for n, _ in threads(c.proc.pid).values()),
+                 PROMPT, "copy threads")
+        wait_for(lambda: status(self.meta)["bytes_copied"] > 0, 30, "a copy")
+        ts = threads(c.proc.pid)
+        copy = [t for t, (n, _) in ts.items() if n.startswith("aclone-copy")]
+        self.assertTrue(copy)
+        for t in copy:
+            self.assertEqual(ts[t][1], 5, "copy thread %d: policy %d, not "
+                             "SCHED_IDLE" % (t, ts[t][1]))
+            self.assertEqual(ioprio_class(t), 3, "copy thread %d: I/O class" % t)
+        for t, (n, pol) in ts.items():
+            if any(n == "iou-wrk-%d" % w for w in copy):
+                self.assertEqual(pol, 5, "io_uring worker %s" % n)
+        others = [t for t, (n, pol) in ts.items()
+                  if n == "nbdkit" and pol != 0]
+        self.assertEqual(others, [], "nbdkit threads must keep normal priority")
+        st = status(self.meta)
+        self.assertEqual(st["state"], "hydrating")
+        self.assertTrue(st["foreground"]["idle_priority"])
+
+    def test_client_cuts_window(self):
+        """The window grows while nobody reads; a busy client cuts it to
+        one batch (status says why), and the source then sees at most one
+        hydration read in flight; when the client stops, it opens again."""
+        src = self.slow_source(512 * MiB)
+        batch = 256 * 1024
+        self.clone(src, hydrate_depth="16", hydrate_batch="256K")
+        wait_for(lambda: peak_reads(self.log)[0] >= 6, 60,
+                 "the window to grow to 6 reads at once")
+        # Hydrate a span for the client to read from, so that its reads
+        # never reach the source: every source read is hydration's.
+        h = self.servers[-1].connect()
+        for off in range(0, 4 * MiB, MiB):
+            h.pread(MiB, off)
+        h.shutdown()
+        client = BusyClient(self.servers[-1], 4 * MiB)
+        try:
+            st = self.status_becomes(timeout=30, state="hydrating")
+            wait_for(lambda: status(self.meta)["foreground"]["limited_by"] == "client",
+                     30, "status to show client cuts")
+            st = status(self.meta)
+            self.assertGreater(st["foreground"]["client_cuts"], 0)
+            time.sleep(0.5)                   # reads begun before the cuts end
+            start = peak_reads(self.log)[1]
+            wait_for(lambda: peak_reads(self.log, after=start)[1] >= 15, 60,
+                     "15 hydration reads while the client is busy")
+            peak, _ = peak_reads(self.log, after=start)
+            self.assertLessEqual(peak, 1, "%d hydration reads at once while a "
+                                 "client was busy (window: one batch)" % peak)
+            self.assertLessEqual(status(self.meta)["foreground"]["window"], batch)
+            self.assertGreater(client.reads, 100)
+        finally:
+            client.stop()
+        start = peak_reads(self.log)[1]
+        wait_for(lambda: peak_reads(self.log, after=start)[0] >= 4, 60,
+                 "the window to open again without the client")
+        wait_for(lambda: status(self.meta)["foreground"]["limited_by"] != "client",
+                 30, "status to drop the client reason")
+
+    def test_floor_suspends_client_cuts(self):
+        """Below the progress floor set with `aclone set floor=`, clients
+        no longer cut the window, and the copy threads get normal
+        priority; the floor shows in status."""
+        src = self.slow_source(512 * MiB)
+        c = self.clone(src, hydrate_depth="16", hydrate_batch="256K")
+        client = BusyClient(c, 4 * MiB)
+        try:
+            wait_for(lambda: status(self.meta)["foreground"]["limited_by"] == "client",
+                     30, "client cuts")
+            cli("set", self.meta, "floor=10G")
+            wait_for(lambda: status(self.meta)["foreground"]["limited_by"] == "floor",
+                     30, "the floor to suspend client cuts")
+            st = status(self.meta)["foreground"]
+            self.assertEqual(st["floor"], 10 << 30)
+            wait_for(lambda: not status(self.meta)["foreground"]["idle_priority"],
+                     30, "normal priority below the floor")
+            pol = [p for n, p in threads(c.proc.pid).values()
+                   if n.startswith("aclone-copy")]
+            self.assertTrue(pol and all(p == 0 for p in pol), pol)
+            start = peak_reads(self.log)[1]
+            wait_for(lambda: peak_reads(self.log, after=start)[0] >= 3, 60,
+                     "the window to grow despite the client")
+        finally:
+            client.stop()
+
+    def test_copy_on_read_replies_before_dest_write(self):
+        """With the dest write held, a read miss still gets its data at
+        once; the region stays unhydrated and locked (a client write to
+        it waits) until the write lands, then it is hydrated and holds
+        the client's write over the source's data."""
+        src_path, source = self.random_file(16 * MiB, seed=5)
+        src = self.source_file(src_path)
+        c = self.failio_clone(src, hydrate="false")
+        h = c.connect()
+        open(self.hold_trigger, "w").close()
+        t0 = time.monotonic()
+        got = h.pread(4096, 3 * RS + 100)
+        self.assert_prompt(time.monotonic() - t0, PROMPT,
+                           "a read miss while its dest write is held")
+        self.assertEqual(got, source[3 * RS + 100:3 * RS + 4196])
+        wait_for(lambda: status(self.meta)["foreground"]["cor_pending"] == RS,
+                 10, "the held write to show as pending")
+        self.assertEqual(status(self.meta)["hydrated"], 0)
+        # A client write to the region waits for the copy's lock.
+        w = c.connect()
+        done = threading.Event()
+        patch = b"W" * 4096
+
+        def write():
+            w.pwrite(patch, 3 * RS + 8192)
+            w.flush()
+            done.set()
+        t = threading.Thread(target=write)
+        t.start()
+        self.assertFalse(done.wait(1.0), "a client write passed a held copy")
+        os.unlink(self.hold_trigger)
+        self.assertTrue(done.wait(30), "the write never went through")
+        t.join()
+        w.shutdown()
+        wait_for(lambda: status(self.meta)["foreground"]["cor_pending"] == 0,
+                 10, "the held write to land")
+        st = status(self.meta)
+        self.assertEqual(st["hydrated"], 1)
+        self.assertEqual(st["foreground"]["cor_behind"], 1)
+        want = bytearray(source)
+        want[3 * RS + 8192:3 * RS + 8192 + 4096] = patch
+        self.assertEqual(read_all(h), bytes(want))
+        h.shutdown()
+
+    def test_crash_between_reply_and_write(self):
+        """A crash after a copy-on-read reply and before its dest write
+        loses nothing: flushed client writes are there, the region whose
+        write never landed is read from the source again."""
+        src_path, source = self.random_file(16 * MiB, seed=6)
+        src = self.source_file(src_path)
+        c = self.failio_clone(src, hydrate="false")
+        h = c.connect()
+        a = os.urandom(RS)
+        h.pwrite(a, 5 * RS)                 # a whole region, flushed
+        h.flush()
+        open(self.hold_trigger, "w").close()
+        self.assertEqual(h.pread(RS, 9 * RS), source[9 * RS:10 * RS])
+        wait_for(lambda: status(self.meta)["foreground"]["cor_pending"] == RS,
+                 10, "the held write to show as pending")
+        c.stop(sig=signal.SIGKILL)
+        os.unlink(self.hold_trigger)
+        c2 = self.clone(src, name="clone2", hydrate="false")
+        h2 = c2.connect()
+        want = bytearray(source)
+        want[5 * RS:6 * RS] = a
+        self.assertEqual(read_all(h2), bytes(want))
+        h2.shutdown()
+        # Completed, dest holds the same.
+        cli("resume", self.meta)
+        self.wait_complete(60)
+        c2.stop()
+        self.assertEqual(sha(self.dest), sha(bytes(want)))
+
+
+if __name__ == "__main__":
+    main()
