@@ -7,8 +7,12 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include "writebehind.h"
+
+#define WRITER_NICE 10
 
 struct item {
   struct aclone_wb_copy w;
@@ -34,6 +38,13 @@ static void *
 writer (void *arg)
 {
   struct aclone_writebehind *wb = arg;
+
+  /* Background work: below the threads serving clients, whose replies
+   * no longer wait for it.  (Not idle: a full queue makes misses write
+   * in line, so a starved writer would slow clients down.)
+   */
+  pthread_setname_np (pthread_self (), "aclone-corwb");
+  setpriority (PRIO_PROCESS, gettid (), WRITER_NICE);
 
   pthread_mutex_lock (&wb->lock);
   for (;;) {
