@@ -121,7 +121,7 @@ $(TSAN_BUILD)/build.ninja:
 check-tsan: deps $(TSAN_BUILD)/build.ninja
 	$(MESON) compile -C $(TSAN_BUILD)
 	ACLONE_TEST_PRELOAD="$$(gcc -print-file-name=libtsan.so)" \
-	TSAN_OPTIONS=halt_on_error=0:exitcode=66 \
+	TSAN_OPTIONS=halt_on_error=0:exitcode=66:suppressions=$(CURDIR)/tests/tsan.supp \
 	  $(MESON_TEST) -C $(TSAN_BUILD) $(TSAN_TESTS)
 
 # The metadata parser under libFuzzer (clang, ASan+UBSan), for 30 s;
