@@ -30,6 +30,7 @@ struct aclone_hydrator_config {
     .connections = 4, .workers = 0 }
 
 #define ACLONE_HYDRATOR_MAX_DEPTH 1024
+#define ACLONE_HYDRATOR_MAX_WORKERS 64
 
 /* Start the copy workers (after nbdkit's fork).  Does nothing for a
  * clone that is not hydrating.

@@ -129,7 +129,9 @@ struct aclone_live {
   uint64_t cor_pending;       /* bytes of such writes not landed yet */
   uint64_t ctl_floor;         /* control: progress floor, bytes/s
                                * (0 = default, a tenth of the best rate) */
-  uint64_t reserved[12];
+  uint64_t fg_lock_boosts;    /* clients that, about to wait for a region
+                               * lock, lifted idle copy threads, this run */
+  uint64_t reserved[11];
   char     last_error[256];
   /* Control: written by "aclone pause|resume|set", polled by the server. */
   uint64_t ctl_pause;         /* 1 = paused */
@@ -204,14 +206,25 @@ int aclone_meta_validate (const char *path, const void *page, size_t page_len,
 int aclone_meta_set_flags (struct aclone_meta *m, uint32_t flags,
                            struct aclone_error *err);
 
+/* One piece of a commit: bitmap words [index, index+count), each OR'ed
+ * with value.  count > 1 only for a run of full words (value all ones),
+ * so that a commit of a long hydrated run costs one entry, not one per
+ * 64 regions.
+ */
+struct aclone_dirty_words {
+  uint64_t index, count, value;
+};
+
 /* Set the given bits in the committed bitmaps (which: 0 hydrated,
- * 1 written) and msync the pages touched.  The caller guarantees the data
- * is durable.  words[i] is OR'ed (atomically: aclone_meta_written_ahead
- * may set bits of the same words) into word index[i].
+ * 1 written), msync the pages touched, and drop them from this process's
+ * page tables (they stay in the page cache): a commit then leaves no
+ * resident bitmap pages behind, which at 15 TiB would be 30 MiB.  The
+ * caller guarantees the data is durable.  Values are OR'ed atomically
+ * (aclone_meta_written_ahead may set bits of the same words).
  */
 int aclone_meta_commit_bits (struct aclone_meta *m, int which,
-                             const uint64_t *index, const uint64_t *words,
-                             size_t n, struct aclone_error *err);
+                             const struct aclone_dirty_words *v, size_t n,
+                             struct aclone_error *err);
 
 /* Set "written" bits [first, first+count) in the mapping now, before the
  * client's data is written, without msync.  Ahead of the commit on

@@ -551,8 +551,11 @@ aclone_after_fork (void)
   /* First, while no thread of ours opens or closes sockets. */
   find_listeners ();
   hcfg.connections = source_connections;
-  if (aclone_hydrator_start (the_clone, &hcfg, &err) < 0 ||
-      aclone_clone_start (the_clone, &err) < 0) {
+  /* The clone first: its threads (the ticker, the copy-on-read writer)
+   * are there before the hydrator, which may complete at once.
+   */
+  if (aclone_clone_start (the_clone, &err) < 0 ||
+      aclone_hydrator_start (the_clone, &hcfg, &err) < 0) {
     nbdkit_error ("%s", err.msg);
     return -1;
   }

@@ -86,6 +86,7 @@ read_status (const char *path, const struct aclone_meta *m, struct status *s)
       s->cur_ns = live_u64 (&l->fg_cur_ns);
       s->why = aclone_fg_reason_name (live_u64 (&l->fg_reason));
       s->client_cuts = live_u64 (&l->fg_client_cuts);
+      s->lock_boosts = live_u64 (&l->fg_lock_boosts);
       s->idle = live_u64 (&l->fg_idle) != 0;
       s->cor_behind = live_u64 (&l->cor_behind);
       s->cor_pending = live_u64 (&l->cor_pending);
@@ -215,6 +216,7 @@ status_json (const struct status *s)
     json_add_double (f, "latency_ms", s->cur_ns / 1e6, "%.3f");
     json_object_object_add (f, "limited_by", json_object_new_string (s->why));
     json_add_u64 (f, "client_cuts", s->client_cuts);
+    json_add_u64 (f, "lock_boosts", s->lock_boosts);
     json_object_object_add (f, "idle_priority", json_object_new_boolean (s->idle));
     json_add_u64 (f, "floor", s->floor);
     json_add_u64 (f, "cor_behind", s->cor_behind);

@@ -10,9 +10,11 @@
 
 #include <pthread.h>
 #include <stdatomic.h>
+#include <sys/types.h>
 
 #include "aclone/clock.h"
 #include "aclone/clone.h"
+#include "aclone/hydrator.h"
 #include "aclone/map.h"
 
 struct aclone_clone {
@@ -47,8 +49,8 @@ struct aclone_clone {
    * protects the scratch arrays.
    */
   pthread_mutex_t commit_lock;
-  uint64_t *ci, *cw;  size_t ccap;     /* scratch: hydrated dirty words */
-  uint64_t *wi, *ww;  size_t wcap;     /* scratch: written dirty words */
+  struct aclone_dirty_list dirty_hydrated;  /* scratch: taken words */
+  struct aclone_dirty_list dirty_written;
 
   /* Counters, cumulative over the clone's life (loaded from live page);
    * atomic, advisory.
@@ -79,6 +81,20 @@ struct aclone_clone {
   atomic_uint requests;          /* client requests inside the gate */
 
   struct aclone_hydrator *hydrator;  /* owned by hydrator.c */
+
+  /* Copy threads' priority (prio.h).  copy_tids: each copy thread's tid
+   * while it runs, 0 otherwise (written by the thread itself);
+   * copies_idle: they may be at idle priority; lock_waiters: client
+   * requests waiting for a region lock (none may go back to idle while
+   * one waits); boost_until_ns: nor until then (after the last wait);
+   * boost_gen: bumped each time a client set them to background, so
+   * that each thread knows its own idea of its priority is stale.
+   */
+  _Atomic pid_t copy_tids[ACLONE_HYDRATOR_MAX_WORKERS];
+  atomic_bool copies_idle;
+  atomic_uint lock_waiters;
+  atomic_uint_fast64_t boost_until_ns;
+  atomic_uint boost_gen;         /* (also: how many times, for status) */
 
   /* Copy-on-read writes behind replies: set by aclone_clone_start
    * before requests come, stopped at shutdown after they drained.
@@ -134,6 +150,11 @@ int aclone_clone_copy_locked (struct aclone_clone *c, uint64_t first,
 int aclone_clone_skip_zero_locked (struct aclone_clone *c, uint64_t first,
                                    uint64_t count);
 
+/* May the copy threads be at idle priority now: allowed, no client
+ * waiting for a region lock, and none lately?
+ */
+bool aclone_clone_copies_may_idle (struct aclone_clone *c);
+
 /* Close the source once the clone is complete: waits for calls in
  * progress.  Afterwards every read is served from dest.
  */
@@ -149,5 +170,8 @@ void aclone_clone_error (struct aclone_clone *c, const char *fmt, ...)
 
 /* Publish counters and state to the live page now. */
 void aclone_clone_publish (struct aclone_clone *c, enum aclone_state state);
+
+/* The same, with the state the clone is in (paused, waiting...). */
+void aclone_clone_publish_current (struct aclone_clone *c);
 
 #endif

@@ -76,6 +76,7 @@
 #include <bsd/string.h>
 
 #include "clone-internal.h"
+#include "prio.h"
 #include "writebehind.h"
 #include "aclone/clock.h"
 
@@ -85,8 +86,16 @@
 /* How long copy-on-read pauses after its dest write failed. */
 #define COR_BACKOFF_NS 1000000000ull
 
+/* Bitmap words read at a time when a clone opens (1 MiB). */
+#define LOAD_CHUNK_WORDS (128u * 1024)
+
+/* How long copy threads stay at background priority after a client
+ * waited for a region lock.
+ */
+#define BOOST_NS 200000000ull
+
 /* Copy-on-read writes queued behind their replies, at most. */
-#define COR_BEHIND_MAX_BYTES (64u << 20)
+#define COR_BEHIND_MAX_BYTES (16u << 20)
 
 
 /* Byte range of regions [first, first+count). */
@@ -473,8 +482,18 @@ clone_pread (struct aclone_clone *c, void *buf, uint32_t count,
     bool hydrated;
     uint64_t n = aclone_map_run_state (&c->map, r, last - r + 1, &hydrated);
 
-    if (!hydrated && copy)
+    /* A copy-on-read does not wait for regions someone else holds (a
+     * copy, a write landing behind a reply, a client write): the source
+     * has their data, as without copy-on-read.  Only the first region is
+     * read that way; the loop tries the rest again.
+     */
+    bool locked = false;
+    if (!hydrated && copy) {
       n = MIN (n, copy_max_regions (c));
+      locked = aclone_map_trylock (&c->map, r, n);
+      if (!locked)
+        n = 1;
+    }
     uint64_t seg_end = MIN (end, region_end (c, r + n));
     char *p = (char *) buf + (pos - offset);
 
@@ -485,8 +504,7 @@ clone_pread (struct aclone_clone *c, void *buf, uint32_t count,
                             (unsigned long long) pos, strerror (-ret));
     }
     else {
-      if (copy) {
-        aclone_map_lock (&c->map, r, n);
+      if (locked) {
         ret = cor_behind (c, r, n, p, pos, seg_end - pos);
         if (ret == 0)
           ret = aclone_clone_copy_locked (c, r, n, p, pos, seg_end - pos);
@@ -507,6 +525,43 @@ clone_pread (struct aclone_clone *c, void *buf, uint32_t count,
   }
   atomic_fetch_sub (&c->fg_active, 1);
   return ret;
+}
+
+/* Lock regions for a client request that must wait for them.  When
+ * someone holds them, it may be a copy thread at idle priority, which
+ * barely runs while the CPU is busy: the copy threads go to background
+ * priority first, for BOOST_NS (priority inheritance, by hand).
+ */
+static void
+client_region_lock (struct aclone_clone *c, uint64_t first, uint64_t count)
+{
+  if (aclone_map_trylock (&c->map, first, count))
+    return;
+  /* 1. Count ourselves in: while anyone waits, no copy thread goes back
+   *    to idle (hydrator.c, follow_priority, checks after it applies).
+   * 2. If they may be idle now, set them to background ourselves (the
+   *    lock holder may not run to see step 1) and say so (boost_gen).
+   * 3. Wait; 4. count ourselves out, keeping them at background a
+   *    little longer, so that a burst of waits does not flap them.
+   */
+  atomic_fetch_add (&c->lock_waiters, 1);
+  if (atomic_load (&c->copies_idle)) {
+    pid_t tids[ACLONE_HYDRATOR_MAX_WORKERS];
+    for (unsigned i = 0; i < ACLONE_HYDRATOR_MAX_WORKERS; i++)
+      tids[i] = atomic_load (&c->copy_tids[i]);
+    aclone_prio_apply_all (tids, ACLONE_HYDRATOR_MAX_WORKERS, false);
+    atomic_fetch_add (&c->boost_gen, 1);
+  }
+  aclone_map_lock (&c->map, first, count);
+  atomic_store (&c->boost_until_ns, aclone_now_ns () + BOOST_NS);
+  atomic_fetch_sub (&c->lock_waiters, 1);
+}
+
+bool
+aclone_clone_copies_may_idle (struct aclone_clone *c)
+{
+  return atomic_load (&c->copies_idle) && atomic_load (&c->lock_waiters) == 0 &&
+         aclone_now_ns () >= atomic_load (&c->boost_until_ns);
 }
 
 /* The write-like operations: data != NULL writes it, else zeroes. */
@@ -570,7 +625,7 @@ apply_partial (struct aclone_clone *c, const struct wop *w, uint64_t r,
   if (!region_on_dest (c, r)) {
     if (w->fast)
       return -ENOTSUP;              /* would need a copy: not fast */
-    aclone_map_lock (&c->map, r, 1);
+    client_region_lock (c, r, 1);
     if (!region_on_dest (c, r)) {
       /* Read-modify-write of the whole region. */
       char *buf = malloc (b1 - b0);
@@ -612,7 +667,7 @@ apply_whole (struct aclone_clone *c, const struct wop *w, uint64_t r,
   if (all_hydrated)
     ret = dest_apply (c, w, data, len, pos);
   else {
-    aclone_map_lock (&c->map, r, n);
+    client_region_lock (c, r, n);
     bool none_hydrated = !aclone_map_hydrated (&c->map, r) &&
                          aclone_map_run (&c->map, r, n) == n;
     /* A trim of regions D already reads zero in needs no I/O; a zero
@@ -716,7 +771,7 @@ clone_cache (struct aclone_clone *c, uint32_t count, uint64_t offset)
 
   while ((r = aclone_map_next_unhydrated (&c->map, r)) < end) {
     uint64_t n = MIN (aclone_map_run (&c->map, r, end - r), copy_max_regions (c));
-    aclone_map_lock (&c->map, r, n);
+    client_region_lock (c, r, n);
     int ret = aclone_clone_copy_locked (c, r, n, NULL, 0, 0);
     aclone_map_unlock (&c->map, r, n);
     if (ret < 0)
@@ -814,14 +869,23 @@ static enum aclone_state current_state (struct aclone_clone *c);
  * failed).
  */
 static int
-commit_bitmap (struct aclone_clone *c, int which, const uint64_t *index,
-               const uint64_t *words, size_t n)
+commit_bitmap (struct aclone_clone *c, int which, struct aclone_dirty_list *l)
 {
   struct aclone_error err;
 
-  if (n == 0)
+  /* A list that grew for one big commit (scattered writes) does not
+   * keep its memory for the clone's life.
+   */
+  if (l->cap > 4096 && l->n < l->cap / 8) {
+    struct aclone_dirty_words *v = realloc (l->v, MAX (l->n, 64u) * sizeof *v);
+    if (v) {
+      l->v = v;
+      l->cap = MAX (l->n, 64u);
+    }
+  }
+  if (l->n == 0)
     return 0;
-  if (aclone_meta_commit_bits (c->meta, which, index, words, n, &err) < 0) {
+  if (aclone_meta_commit_bits (c->meta, which, l->v, l->n, &err) < 0) {
     aclone_clone_fail (c, "%s", err.msg);
     return -1;
   }
@@ -832,7 +896,6 @@ int
 aclone_clone_commit (struct aclone_clone *c)
 {
   struct aclone_error err;
-  size_t nh = 0, nw = 0;
   int r = 0;
 
   pthread_mutex_lock (&c->commit_lock);
@@ -850,13 +913,11 @@ aclone_clone_commit (struct aclone_clone *c)
    */
   bool all_in = atomic_load (&c->map.nr_hydrated) == c->map.regions;
   atomic_exchange (&c->map.dirty, false);
-  r = aclone_map_take_dirty (&c->map, ACLONE_BIT_HYDRATED, &c->ci, &c->cw,
-                             &c->ccap, &nh);
+  r = aclone_map_take_dirty (&c->map, ACLONE_BIT_HYDRATED, &c->dirty_hydrated);
   if (r == 0)
-    r = aclone_map_take_dirty (&c->map, ACLONE_BIT_WRITTEN, &c->wi, &c->ww,
-                               &c->wcap, &nw);
+    r = aclone_map_take_dirty (&c->map, ACLONE_BIT_WRITTEN, &c->dirty_written);
   if (r < 0) {
-    aclone_map_return_dirty (&c->map, ACLONE_BIT_HYDRATED, c->ci, c->cw, nh);
+    aclone_map_return_dirty (&c->map, ACLONE_BIT_HYDRATED, &c->dirty_hydrated);
     atomic_store (&c->map.dirty, true);
     aclone_clone_error (c, "commit: out of memory");
     goto out;
@@ -877,8 +938,8 @@ aclone_clone_commit (struct aclone_clone *c)
    * any crash a region recorded as hydrated is recorded as written when
    * a client wrote it.
    */
-  if (commit_bitmap (c, ACLONE_BIT_WRITTEN, c->wi, c->ww, nw) < 0 ||
-      commit_bitmap (c, ACLONE_BIT_HYDRATED, c->ci, c->cw, nh) < 0) {
+  if (commit_bitmap (c, ACLONE_BIT_WRITTEN, &c->dirty_written) < 0 ||
+      commit_bitmap (c, ACLONE_BIT_HYDRATED, &c->dirty_hydrated) < 0) {
     r = -EIO;
     goto out;
   }
@@ -899,6 +960,12 @@ aclone_clone_commit (struct aclone_clone *c)
                                              memory_order_relaxed);
     aclone_clone_log (c, 0, "clone complete: %s holds every region of %s",
                       c->dest->path, c->meta->hdr.source);
+    /* Every hydrated bit is in the file now: the in-core copy can go. */
+    int e = aclone_map_hydrated_from_file (&c->map, c->meta->fd,
+                                           c->meta->hdr.hydrated_off);
+    if (e < 0)
+      aclone_clone_log (c, 0, "%s: in-core map kept: %s", c->meta->path,
+                        strerror (-e));
   }
 
  out:
@@ -995,10 +1062,10 @@ aclone_clone_publish (struct aclone_clone *c, enum aclone_state state)
   LIVE_STORE (in_flight, atomic_load (&c->in_flight));
   LIVE_STORE (errors, atomic_load (&c->errors));
   LIVE_STORE (rate, atomic_load (&c->rate));
-  if (c->wb) {
-    LIVE_STORE (cor_behind, aclone_writebehind_queued (c->wb));
-    LIVE_STORE (cor_pending, aclone_writebehind_pending (c->wb));
-  }
+  LIVE_STORE (fg_lock_boosts, atomic_load (&c->boost_gen));
+  /* (Zero without a writer: nothing is left over from an earlier run.) */
+  LIVE_STORE (cor_behind, c->wb ? aclone_writebehind_queued (c->wb) : 0);
+  LIVE_STORE (cor_pending, c->wb ? aclone_writebehind_pending (c->wb) : 0);
   pthread_mutex_lock (&c->err_lock);
   /* Once failed, the cause stays in view whatever comes after it. */
   const char *msg = aclone_clone_mode (c) == ACLONE_MODE_FAILED ? c->fail_cause
@@ -1006,6 +1073,12 @@ aclone_clone_publish (struct aclone_clone *c, enum aclone_state state)
   if (strncmp (live->last_error, msg, sizeof live->last_error) != 0)
     strlcpy (live->last_error, msg, sizeof live->last_error);
   pthread_mutex_unlock (&c->err_lock);
+}
+
+void
+aclone_clone_publish_current (struct aclone_clone *c)
+{
+  aclone_clone_publish (c, current_state (c));
 }
 
 static enum aclone_state
@@ -1123,19 +1196,33 @@ static int
 load_bitmaps (struct aclone_clone *c, struct aclone_error *err)
 {
   struct aclone_meta *meta = c->meta;
-  size_t len = meta->hdr.bitmap_len;
-  uint64_t *hb = malloc (len), *wb = malloc (len);
+  size_t words = meta->hdr.bitmap_len / 8;
+  uint64_t *buf = malloc (LOAD_CHUNK_WORDS * 8);
+  bool complete = meta->hdr.flags & ACLONE_FLAG_COMPLETE;
   int r = 0;
 
-  if (!hb || !wb ||
-      pread (meta->fd, hb, len, meta->hdr.hydrated_off) != (ssize_t) len ||
-      pread (meta->fd, wb, len, meta->hdr.written_off) != (ssize_t) len)
-    r = aclone_error_set (err, errno ? errno : EIO, "meta %s: read bitmaps",
-                          meta->path);
-  else
-    aclone_map_load (&c->map, hb, wb);
-  free (hb);
-  free (wb);
+  if (!buf)
+    return aclone_error_set (err, ENOMEM, "meta %s: read bitmaps", meta->path);
+  /* A complete clone maps its hydrated bits from the file (all ones)
+   * rather than holding them.
+   */
+  complete = complete &&
+             aclone_map_hydrated_from_file (&c->map, meta->fd,
+                                            meta->hdr.hydrated_off) == 0;
+  for (int which = 0; which < 2 && r == 0; which++) {
+    uint64_t off = which ? meta->hdr.written_off : meta->hdr.hydrated_off;
+    if (which == ACLONE_BIT_HYDRATED && complete)
+      continue;
+    for (size_t w = 0; w < words && r == 0; w += LOAD_CHUNK_WORDS) {
+      size_t n = MIN (LOAD_CHUNK_WORDS, words - w);
+      if (pread (meta->fd, buf, n * 8, off + w * 8) != (ssize_t) (n * 8))
+        r = aclone_error_set (err, errno ? errno : EIO, "meta %s: read bitmaps",
+                              meta->path);
+      else
+        aclone_map_load (&c->map, which, w, buf, n);
+    }
+  }
+  free (buf);
   return r;
 }
 
@@ -1368,7 +1455,8 @@ aclone_clone_close (struct aclone_clone *c)
   aclone_dest_close (c->dest);
   aclone_meta_close (c->meta);
   aclone_map_free (&c->map);
-  free (c->ci); free (c->cw); free (c->wi); free (c->ww);
+  free (c->dirty_hydrated.v);
+  free (c->dirty_written.v);
   pthread_mutex_destroy (&c->commit_lock);
   pthread_rwlock_destroy (&c->src_lock);
   pthread_mutex_destroy (&c->err_lock);

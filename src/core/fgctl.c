@@ -81,7 +81,11 @@ aclone_fgctl_sample (struct aclone_fgctl *f, unsigned long long now,
   double target = MAX (base, ACLONE_FGCTL_TARGET_MIN_NS);
   if (f->rate)
     target = MAX (target, 1e9 * f->batch / f->rate);
-  double off = (target - (double) (cur - base)) / target;   /* <= 1 */
+  /* (cur < base when the base was just forgotten and older reads are
+   * still among the current ones: no delay, then.)
+   */
+  double delay = cur > base ? (double) (cur - base) : 0;
+  double off = (target - delay) / target;                     /* <= 1 */
 
   if (off < -1)
     off = -1;

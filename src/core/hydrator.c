@@ -48,9 +48,8 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
-#include <dirent.h>
-#include <sched.h>
 #include <stdio.h>
+#include <sys/mman.h>
 #include <sys/param.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
@@ -65,6 +64,7 @@
 #include "aclone/hydrator.h"
 #include "clone-internal.h"
 #include "fgctl.h"
+#include "prio.h"
 #include "aclone/clock.h"
 
 
@@ -72,7 +72,6 @@
 #define BACKOFF_MAX_NS  5000000000ull        /* 5 s */
 #define NEAR_BATCHES     8                   /* batches after a read miss */
 #define MAX_CONNS        64
-#define HYDRATOR_NICE    10                  /* below client threads */
 #define FG_WINDOW_NS      5000000ull         /* clients "active": 5 ms */
 #define PUBLISH_NS      100000000ull         /* controller to live page */
 #define FLOOR_DEFAULT_DIV 10                 /* floor: a tenth of the best */
@@ -119,7 +118,9 @@ struct worker {
 
   uint64_t batch_regions;
   uint64_t pick_regions;      /* this turn's batch: smaller for clients */
+  pid_t tid;
   bool idle;                  /* this thread runs at idle priority */
+  unsigned boost_gen;         /* c->boost_gen when it last looked */
   uint64_t lo, hi;            /* regions this worker sweeps */
   uint64_t cursor;            /* next region of the sweep */
   uint64_t near, near_left;   /* locality: where and how many batches */
@@ -146,6 +147,9 @@ struct worker {
   uint64_t max_request;       /* the source's limits: longest read */
   uint64_t min_block;         /* ...and its alignment */
   size_t buf_len;             /* a batch's buffer */
+  unsigned nbufs;             /* batches holding a buffer */
+  unsigned inflight_peak;     /* most batches in flight since trim_time */
+  unsigned long long trim_time;
   unsigned read_done;         /* batches in B_READ_DONE */
   unsigned long long stall_ns;     /* source-timeout; 0: no stall checks */
   unsigned long long stall_check_at;
@@ -160,7 +164,8 @@ struct aclone_hydrator {
   /* The foreground-first controller, shared by the workers. */
   pthread_mutex_t fg_lock;    /* protects fg */
   struct aclone_fgctl fg;
-  atomic_bool idle;           /* copy threads should run at idle priority */
+  bool idle_ok;               /* copy threads may use SCHED_IDLE (prio.h) */
+  atomic_bool floor_boost;    /* below the floor: no idle priority */
   uint64_t smooth_rate;       /* owned by worker 0: copy rate, smoothed */
   uint64_t best_rate;         /* ...and the best smooth_rate seen */
   struct worker w[];
@@ -295,57 +300,39 @@ all_hydrated (struct worker *h)
   return atomic_load (&h->c->map.nr_hydrated) == h->c->map.regions;
 }
 
-/* Give this thread (and the io_uring workers it created, which run its
- * buffered writes) idle CPU and I/O priority, or back normal priority at
- * nice HYDRATOR_NICE.  SCHED_IDLE rather than a nice level alone: a
- * client thread that wakes up preempts an idle one at once, where nice
- * only shares the core out over time.  Failure only costs latency.
+/* This thread's priority (prio.h): idle when the copy threads may be,
+ * the floor does not hold them up, and no client waited for a region
+ * lock lately; else background.  A client that waits sets background
+ * itself (aclone_clone_copies_to_background) and the boost window;
+ * seeing the window here keeps h->idle true to what the thread has.
  */
 static void
-copy_priority (struct worker *h, bool idle)
+follow_priority (struct worker *h)
 {
-  char prefix[32];
-  int n = snprintf (prefix, sizeof prefix, "iou-wrk-%d", (int) gettid ());
-  struct sched_param sp = { 0 };
-  int policy = idle ? SCHED_IDLE : SCHED_OTHER;
-  int ioprio = idle ? IOPRIO_PRIO_VALUE (IOPRIO_CLASS_IDLE, 0)
-                    : IOPRIO_PRIO_VALUE (IOPRIO_CLASS_BE, 7);
-  pid_t tids[64];
-  unsigned ntids = 0;
+  struct aclone_clone *c = h->c;
+  unsigned gen = atomic_load (&c->boost_gen);
 
-  tids[ntids++] = gettid ();
-  DIR *d = opendir ("/proc/self/task");
-  struct dirent *e;
-  while (d && (e = readdir (d)) != NULL && ntids < 64) {
-    char path[300], comm[32] = "";
-    if (e->d_name[0] == '.')
-      continue;
-    snprintf (path, sizeof path, "/proc/self/task/%s/comm", e->d_name);
-    FILE *f = fopen (path, "r");
-    if (!f)
-      continue;
-    if (fgets (comm, sizeof comm, f) && strncmp (comm, prefix, n) == 0 &&
-        (comm[n] == '\n' || comm[n] == '\0'))
-      tids[ntids++] = atoi (e->d_name);
-    fclose (f);
+  if (gen != h->boost_gen) {          /* a client set us to background */
+    h->boost_gen = gen;
+    h->idle = false;
   }
-  if (d)
-    closedir (d);
-  for (unsigned i = 0; i < ntids; i++) {
-    if (sched_setscheduler (tids[i], policy, &sp) < 0 && i == 0)
-      aclone_clone_log (h->c, 0, "hydrator %u: sched_setscheduler: %s",
-                        h->id, strerror (errno));
-    if (!idle)
-      setpriority (PRIO_PROCESS, tids[i], HYDRATOR_NICE);
-    syscall (SYS_ioprio_set, IOPRIO_WHO_PROCESS, tids[i], ioprio);
-  }
+  bool idle = !atomic_load (&h->hy->floor_boost) &&
+              aclone_clone_copies_may_idle (c);
+  if (idle == h->idle || aclone_prio_apply (h->tid, idle) < 0)
+    return;
   h->idle = idle;
+  /* A client may have begun to wait between the check and the change,
+   * and set background before it: look again, after.
+   */
+  if (idle && !aclone_clone_copies_may_idle (c) &&
+      aclone_prio_apply (h->tid, false) == 0)
+    h->idle = false;
 }
 
 /* Once a second (worker 0): measure the copy rate for the live page and
  * feed it to the controller's progress floor; ten times a second, show
  * the controller's state in the live page.  Every worker follows the
- * idle-or-not decision here.
+ * priority decision.
  */
 static void
 measure (struct worker *h)
@@ -355,8 +342,7 @@ measure (struct worker *h)
   unsigned long long now = aclone_now_ns ();
   uint64_t bytes = atomic_load (&c->bytes_copied);
 
-  if (h->idle != atomic_load (&hy->idle))
-    copy_priority (h, !h->idle);
+  follow_priority (h);
   if (h->id != 0)
     return;
   if (h->meas_time == 0) {
@@ -379,6 +365,11 @@ measure (struct worker *h)
                      !all_hydrated (h);
     uint64_t limit = CTL (h, ctl_rate), floor = CTL (h, ctl_floor);
     hy->smooth_rate = hy->smooth_rate ? (3 * hy->smooth_rate + r) / 4 : r;
+    /* The best rate forgets (half in about 45 s): a source that slows
+     * for good (a cache gone cold, a link shared) must not keep the
+     * floor above what it can give, which would end client cuts.
+     */
+    hy->best_rate -= hy->best_rate / 64;
     if (could_run && hy->smooth_rate > hy->best_rate)
       hy->best_rate = hy->smooth_rate;
     if (!floor)
@@ -388,7 +379,7 @@ measure (struct worker *h)
     pthread_mutex_lock (&hy->fg_lock);
     bool boost = aclone_fgctl_second (&hy->fg, hy->smooth_rate, floor, could_run);
     pthread_mutex_unlock (&hy->fg_lock);
-    atomic_store (&hy->idle, !boost);
+    atomic_store (&hy->floor_boost, boost);
   }
   if (now - h->publish_time >= PUBLISH_NS) {
     struct aclone_live *l = c->meta->live;
@@ -396,13 +387,14 @@ measure (struct worker *h)
     pthread_mutex_lock (&hy->fg_lock);
     struct aclone_fgctl fg = hy->fg;
     pthread_mutex_unlock (&hy->fg_lock);
-    __atomic_store_n (&l->fg_window, (uint64_t) fg.window * h->cfg.batch,
+    __atomic_store_n (&l->fg_window,
+                      (uint64_t) fg.window * (h->pick_regions << c->map.shift),
                       __ATOMIC_RELAXED);
     __atomic_store_n (&l->fg_base_ns, aclone_fgctl_base (&fg), __ATOMIC_RELAXED);
     __atomic_store_n (&l->fg_cur_ns, aclone_fgctl_current (&fg), __ATOMIC_RELAXED);
     __atomic_store_n (&l->fg_reason, fg.reason, __ATOMIC_RELAXED);
     __atomic_store_n (&l->fg_client_cuts, fg.client_cuts, __ATOMIC_RELAXED);
-    __atomic_store_n (&l->fg_idle, atomic_load (&hy->idle), __ATOMIC_RELAXED);
+    __atomic_store_n (&l->fg_idle, h->idle, __ATOMIC_RELAXED);
   }
 }
 
@@ -624,6 +616,51 @@ read_done (void *opaque, int *error)
     }
   }
   return 1;                            /* retire the command */
+}
+
+/* Batch buffers are mappings of their own, so that a freed one goes
+ * back to the system at once (malloc keeps what it once had), and are
+ * kept while the window uses them: each second, buffers beyond the most
+ * batches in flight during that second (plus SPARE_BUFS) are unmapped
+ * (trim_bufs).  Memory follows the window: a 1 TiB clone's whole map is
+ * 2 MiB, a window of 1 MiB batches could be 32 MiB.
+ */
+static char *
+buf_alloc (struct worker *h)
+{
+  void *p = mmap (NULL, h->buf_len, PROT_READ | PROT_WRITE,
+                  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED)
+    return NULL;
+  h->nbufs++;
+  return p;
+}
+
+static void
+buf_free (struct worker *h, struct batch *b)
+{
+  if (b->buf) {
+    munmap (b->buf, h->buf_len);
+    b->buf = NULL;
+    h->nbufs--;
+  }
+}
+
+/* Buffers kept beyond the most in flight lately. */
+#define SPARE_BUFS 1
+
+static void
+trim_bufs (struct worker *h)
+{
+  unsigned long long now = aclone_now_ns ();
+
+  if (now - h->trim_time < 1000000000ull)
+    return;
+  for (unsigned i = 0; i < h->nbatches && h->nbufs > h->inflight_peak + SPARE_BUFS; i++)
+    if (h->batches[i].state == B_FREE)
+      buf_free (h, &h->batches[i]);
+  h->trim_time = now;
+  h->inflight_peak = h->inflight;
 }
 
 /* A batch is done: ok, its dest write landed (and is marked); else it
@@ -935,13 +972,20 @@ handle_cqe (struct worker *h, struct io_uring_cqe *cqe)
   }
 }
 
+/* A free batch, one that still has a buffer if there is one. */
 static struct batch *
 free_batch (struct worker *h)
 {
+  struct batch *any = NULL;
+
   for (unsigned i = 0; i < h->nbatches; i++)
-    if (h->batches[i].state == B_FREE)
-      return &h->batches[i];
-  return NULL;
+    if (h->batches[i].state == B_FREE) {
+      if (h->batches[i].buf)
+        return &h->batches[i];
+      if (!any)
+        any = &h->batches[i];
+    }
+  return any;
 }
 
 static bool
@@ -1018,7 +1062,7 @@ start_batches (struct worker *h)
   while (any_conn (h) && may_start (h, h->inflight) &&
          (b = free_batch (h)) != NULL) {
     if (!b->buf) {
-      b->buf = malloc (h->buf_len);
+      b->buf = buf_alloc (h);
       if (!b->buf)
         break;
     }
@@ -1031,6 +1075,7 @@ start_batches (struct worker *h)
     rate_charge (h, b->len);
     atomic_fetch_add (&h->c->in_flight, b->len);
     h->inflight++;
+    h->inflight_peak = MAX (h->inflight_peak, h->inflight);
   }
 }
 
@@ -1085,6 +1130,7 @@ run_ring (struct worker *h)
     if (all_hydrated (h) && h->inflight == 0)
       break;
     measure (h);
+    trim_bufs (h);
     check_stalls (h);
     conns_refill (h);
     start_batches (h);
@@ -1110,6 +1156,11 @@ finish (struct worker *h)
 {
   struct aclone_clone *c = h->c;
 
+  /* The commits take commit_lock, which a client's FLUSH waits for: not
+   * at idle priority.
+   */
+  if (aclone_prio_apply (h->tid, false) == 0)
+    h->idle = false;
   /* A commit marks the clone complete once every bit is in the file;
    * a region hydrated during one commit needs the next.
    */
@@ -1140,18 +1191,29 @@ worker_main (void *arg)
 {
   struct worker *h = arg;
   unsigned long long t0 = aclone_now_ns (), t1, t2;
+  int r;
 
   /* Foreground first: client requests run on nbdkit's threads at normal
-   * priority; copies take what CPU is left.  (io-wq helpers this thread
-   * creates inherit the niceness.)  Failure only costs latency.
+   * priority; copies take what CPU is left (prio.h).  Failure only costs
+   * latency.
    */
   char name[16];
   snprintf (name, sizeof name, "aclone-copy%u", h->id);
   pthread_setname_np (pthread_self (), name);
-  if (setpriority (PRIO_PROCESS, gettid (), HYDRATOR_NICE) < 0)
-    aclone_clone_log (h->c, 0, "hydrator %u: setpriority: %s", h->id,
-                      strerror (errno));
-  copy_priority (h, true);
+  h->tid = gettid ();
+  atomic_store (&h->c->copy_tids[h->id], h->tid);
+  /* Lowest best-effort I/O priority, not the idle class: a client's
+   * FLUSH waits for the writeback these threads start, and the idle
+   * class would make it wait behind every other I/O on the disk.  (Their
+   * io_uring workers share this I/O context.)
+   */
+  syscall (SYS_ioprio_set, IOPRIO_WHO_PROCESS, h->tid,
+           IOPRIO_PRIO_VALUE (IOPRIO_CLASS_BE, 7));
+  r = aclone_prio_apply (h->tid, false);
+  if (r < 0)
+    aclone_clone_log (h->c, 0, "hydrator %u: background priority: %s", h->id,
+                      strerror (-r));
+  follow_priority (h);
 
   /* Worker 0 scans for zero extents first; the others wait for it, so
    * that nobody copies what the scan would skip.
@@ -1178,6 +1240,7 @@ worker_main (void *arg)
     aclone_clone_log (h->c, 0, "hydrator: final commit took %.3f s",
                       (aclone_now_ns () - t2) / 1e9);
   }
+  atomic_store (&h->c->copy_tids[h->id], 0);
   return NULL;
 }
 
@@ -1250,7 +1313,7 @@ hydrator_free (struct aclone_hydrator *hy)
     if (h->ring_ok)
       io_uring_queue_exit (&h->ring);
     for (unsigned i = 0; i < h->nbatches; i++)
-      free (h->batches[i].buf);
+      buf_free (h, &h->batches[i]);
     free (h->batches);
   }
   pthread_mutex_destroy (&hy->fg_lock);
@@ -1284,6 +1347,7 @@ aclone_hydrator_start (struct aclone_clone *c,
   n = MAX (1u, MIN (MIN ((unsigned) (cpus > 0 ? cpus : 1), 4u), conns));
   if (cfg->workers)
     n = MIN (cfg->workers, conns);
+  n = MIN (n, (unsigned) ACLONE_HYDRATOR_MAX_WORKERS);
   hy = calloc (1, sizeof *hy + n * sizeof (struct worker));
   if (!hy)
     return aclone_error_set (err, ENOMEM, "hydrator");
@@ -1291,7 +1355,13 @@ aclone_hydrator_start (struct aclone_clone *c,
   pthread_mutex_init (&hy->fg_lock, NULL);
   aclone_fgctl_init (&hy->fg, MAX (1u, MIN (cfg->depth, ACLONE_HYDRATOR_MAX_DEPTH)),
                      cfg->batch, aclone_now_ns ());
-  atomic_store (&hy->idle, true);
+  hy->idle_ok = aclone_prio_idle_usable ();
+  atomic_store (&c->copies_idle, hy->idle_ok);
+  if (!hy->idle_ok)
+    aclone_clone_log (c, 1, "copy threads at nice %d, not SCHED_IDLE: they "
+                      "could not leave it (needs CAP_SYS_NICE or RLIMIT_NICE "
+                      ">= %d)", ACLONE_PRIO_BACKGROUND_NICE,
+                      20 - ACLONE_PRIO_BACKGROUND_NICE);
 
   /* The command line sets the starting controls; the CLI changes them. */
   __atomic_store_n (&live->ctl_pause, cfg->start_paused ? 1 : 0, __ATOMIC_RELAXED);
@@ -1320,6 +1390,10 @@ aclone_hydrator_start (struct aclone_clone *c,
     hy->w[k].started = true;
   }
   c->hydrator = hy;
+  /* The controls just set (paused or not) show at once, not at the
+   * ticker's next turn.
+   */
+  aclone_clone_publish_current (c);
   return 0;
 }
 
@@ -1332,6 +1406,12 @@ aclone_hydrator_stop (struct aclone_clone *c)
     return;
   atomic_store (&hy->stop, true);
   aclone_clone_cancel_source (c);
+  /* Idle threads barely run while the CPU is busy: not while we wait. */
+  atomic_store (&c->copies_idle, false);
+  pid_t tids[ACLONE_HYDRATOR_MAX_WORKERS];
+  for (unsigned k = 0; k < hy->n; k++)
+    tids[k] = atomic_load (&c->copy_tids[k]);
+  aclone_prio_apply_all (tids, hy->n, false);
   for (unsigned k = 0; k < hy->n; k++)
     if (hy->w[k].started)
       pthread_join (hy->w[k].thread, NULL);

@@ -14,13 +14,38 @@
 #include <stdlib.h>
 #include <string.h>
 #include <endian.h>
+#include <sys/mman.h>
+#include <sys/param.h>
+#include <unistd.h>
 
 #include "aclone/map.h"
 
-static _Atomic uint64_t *
-alloc_bits (size_t words)
+#define PAGE 4096u
+
+static size_t
+round_page (size_t n)
 {
-  return calloc (words ? words : 1, sizeof (uint64_t));
+  return (n + PAGE - 1) & ~(size_t) (PAGE - 1);
+}
+
+/* An array of zero words in a mapping of its own: pages are allocated
+ * only where a bit is set (reading untouched ones maps the zero page),
+ * and the hydrated array can be replaced with MAP_FIXED, which must not
+ * happen inside malloc's heap.
+ */
+static _Atomic uint64_t *
+alloc_bits (size_t len)
+{
+  void *p = mmap (NULL, len, PROT_READ | PROT_WRITE,
+                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  return p == MAP_FAILED ? NULL : p;
+}
+
+static void
+free_bits (_Atomic uint64_t *p, size_t len)
+{
+  if (p)
+    munmap ((void *) p, len);
 }
 
 int
@@ -31,10 +56,12 @@ aclone_map_init (struct aclone_map *m, uint64_t size, unsigned shift)
   m->shift = shift;
   m->regions = (size + (UINT64_C (1) << shift) - 1) >> shift;
   m->words = (m->regions + 63) / 64;
-  m->hydrated = alloc_bits (m->words);
-  m->hydrated_dirty = alloc_bits (m->words);
-  m->written = alloc_bits (m->words);
-  m->written_dirty = alloc_bits (m->words);
+  m->bits_len = round_page (MAX (m->words, 1u) * sizeof (uint64_t));
+  m->dirty_len = round_page ((m->words + 63) / 64 * sizeof (uint64_t) + 8);
+  m->hydrated = alloc_bits (m->bits_len);
+  m->hydrated_dirty = alloc_bits (m->dirty_len);
+  m->written = alloc_bits (m->bits_len);
+  m->written_dirty = alloc_bits (m->dirty_len);
   if (!m->hydrated || !m->hydrated_dirty || !m->written || !m->written_dirty) {
     aclone_map_free (m);
     return -ENOMEM;
@@ -47,10 +74,10 @@ aclone_map_init (struct aclone_map *m, uint64_t size, unsigned shift)
 void
 aclone_map_free (struct aclone_map *m)
 {
-  free ((void *) m->hydrated);
-  free ((void *) m->hydrated_dirty);
-  free ((void *) m->written);
-  free ((void *) m->written_dirty);
+  free_bits (m->hydrated, m->bits_len);
+  free_bits (m->hydrated_dirty, m->dirty_len);
+  free_bits (m->written, m->bits_len);
+  free_bits (m->written_dirty, m->dirty_len);
   free (m->locked);
   if (m->words) {
     pthread_mutex_destroy (&m->lock);
@@ -106,8 +133,9 @@ aclone_map_next_unhydrated (const struct aclone_map *m, uint64_t r)
   return m->regions;
 }
 
-/* Set bits [first, first+count) in bits, and the same newly-set bits in
- * dirty.  Returns the number newly set.
+/* Set bits [first, first+count) in bits, and the dirty bit of every word
+ * that changed (after the word: a commit that sees the dirty bit reads
+ * the word after it).  Returns the number newly set.
  */
 static uint64_t
 set_range (struct aclone_map *m, _Atomic uint64_t *bits,
@@ -123,7 +151,9 @@ set_range (struct aclone_map *m, _Atomic uint64_t *bits,
                                              memory_order_acq_rel);
     uint64_t added = mask & ~old;
     if (added) {
-      atomic_fetch_or_explicit (&dirty[first / 64], added, memory_order_release);
+      uint64_t w = first / 64;
+      atomic_fetch_or_explicit (&dirty[w / 64], UINT64_C (1) << (w % 64),
+                                memory_order_release);
       newly += __builtin_popcountll (added);
     }
     first += n;
@@ -148,69 +178,113 @@ aclone_map_set_written (struct aclone_map *m, uint64_t first, uint64_t count)
 }
 
 void
-aclone_map_load (struct aclone_map *m, const uint64_t *hydrated_le,
-                 const uint64_t *written_le)
+aclone_map_load (struct aclone_map *m, int which, size_t first,
+                 const uint64_t *le, size_t n)
 {
-  uint64_t n = 0;
+  _Atomic uint64_t *bits = which ? m->written : m->hydrated;
+  uint64_t count = 0;
   /* Bits past the last region in the file are ignored. */
   uint64_t tail = m->regions % 64 ? (UINT64_C (1) << (m->regions % 64)) - 1
                                   : UINT64_MAX;
 
-  for (size_t i = 0; i < m->words; i++) {
-    uint64_t mask = i == m->words - 1 ? tail : UINT64_MAX;
-    uint64_t h = le64toh (hydrated_le[i]) & mask;
-    uint64_t w = le64toh (written_le[i]) & mask;
-    if (h) {
-      atomic_store (&m->hydrated[i], h);
-      n += __builtin_popcountll (h);
+  for (size_t k = 0; k < n && first + k < m->words; k++) {
+    size_t i = first + k;
+    uint64_t v = le64toh (le[k]) & (i == m->words - 1 ? tail : UINT64_MAX);
+    if (v) {
+      atomic_store (&bits[i], v);
+      count += __builtin_popcountll (v);
     }
-    if (w)
-      atomic_store (&m->written[i], w);
   }
-  atomic_store (&m->nr_hydrated, n);
+  if (which == ACLONE_BIT_HYDRATED)
+    atomic_fetch_add (&m->nr_hydrated, count);
+}
+
+/* Append word i of value v to l, merging full words into runs.
+ * Returns false when out of memory.
+ */
+static bool
+dirty_append (struct aclone_dirty_list *l, uint64_t i, uint64_t v)
+{
+  if (l->n && v == UINT64_MAX) {
+    struct aclone_dirty_words *last = &l->v[l->n - 1];
+    if (last->value == UINT64_MAX && last->index + last->count == i) {
+      last->count++;
+      return true;
+    }
+  }
+  if (l->n == l->cap) {
+    size_t nc = l->cap ? l->cap * 2 : 64;
+    struct aclone_dirty_words *nv = realloc (l->v, nc * sizeof *nv);
+    if (!nv)
+      return false;
+    l->v = nv;
+    l->cap = nc;
+  }
+  l->v[l->n++] = (struct aclone_dirty_words) { i, 1, v };
+  return true;
 }
 
 int
 aclone_map_take_dirty (struct aclone_map *m, int which,
-                       uint64_t **index, uint64_t **words, size_t *cap,
-                       size_t *n)
+                       struct aclone_dirty_list *out)
 {
   _Atomic uint64_t *dirty = which ? m->written_dirty : m->hydrated_dirty;
+  _Atomic uint64_t *bits = which ? m->written : m->hydrated;
+  size_t nd = (m->words + 63) / 64;
 
-  *n = 0;
-  for (size_t i = 0; i < m->words; i++) {
-    if (atomic_load_explicit (&dirty[i], memory_order_relaxed) == 0)
+  out->n = 0;
+  for (size_t d = 0; d < nd; d++) {
+    if (atomic_load_explicit (&dirty[d], memory_order_relaxed) == 0)
       continue;
-    if (*n == *cap) {
-      size_t nc = *cap ? *cap * 2 : 64;
-      uint64_t *ni = realloc (*index, nc * sizeof **index);
-      if (ni) *index = ni;
-      uint64_t *nw = ni ? realloc (*words, nc * sizeof **words) : NULL;
-      if (nw) *words = nw;
-      if (!ni || !nw) {
-        aclone_map_return_dirty (m, which, *index, *words, *n);
-        *n = 0;
+    uint64_t x = atomic_exchange_explicit (&dirty[d], 0, memory_order_acq_rel);
+    while (x) {
+      unsigned b = __builtin_ctzll (x);
+      uint64_t i = d * 64 + b;
+      /* Read after the swap (acquire): whatever it holds was set before
+       * the commit's dest sync, which comes after this.
+       */
+      uint64_t v = atomic_load_explicit (&bits[i], memory_order_acquire);
+      if (!dirty_append (out, i, v)) {
+        atomic_fetch_or (&dirty[d], x);          /* not taken after all */
+        aclone_map_return_dirty (m, which, out);
+        out->n = 0;
         return -ENOMEM;
       }
-      *cap = nc;
+      x &= x - 1;
     }
-    (*index)[*n] = i;
-    (*words)[*n] = atomic_exchange_explicit (&dirty[i], 0, memory_order_acq_rel);
-    (*n)++;
   }
   return 0;
 }
 
 void
 aclone_map_return_dirty (struct aclone_map *m, int which,
-                         const uint64_t *index, const uint64_t *words, size_t n)
+                         const struct aclone_dirty_list *l)
 {
   _Atomic uint64_t *dirty = which ? m->written_dirty : m->hydrated_dirty;
 
-  for (size_t i = 0; i < n; i++)
-    atomic_fetch_or (&dirty[index[i]], words[i]);
-  if (n)
+  for (size_t k = 0; k < l->n; k++)
+    for (uint64_t i = l->v[k].index; i < l->v[k].index + l->v[k].count; i++)
+      atomic_fetch_or (&dirty[i / 64], UINT64_C (1) << (i % 64));
+  if (l->n)
     atomic_store (&m->dirty, true);
+}
+
+int
+aclone_map_hydrated_from_file (struct aclone_map *m, int fd, uint64_t off)
+{
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+  if (sysconf (_SC_PAGESIZE) != PAGE || off % PAGE)
+    return -ENOTSUP;
+  void *p = mmap ((void *) m->hydrated, m->bits_len, PROT_READ | PROT_WRITE,
+                  MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE, fd, off);
+  if (p == MAP_FAILED)
+    return -errno;
+  atomic_store (&m->nr_hydrated, m->regions);
+  return 0;
+#else
+  (void) m; (void) fd; (void) off;
+  return -ENOTSUP;                /* the file's words are little-endian */
+#endif
 }
 
 /* Must be called with m->lock held. */

@@ -66,7 +66,8 @@ uint64_t aclone_writebehind_pending (struct aclone_writebehind *wb);
 uint64_t aclone_writebehind_queued (struct aclone_writebehind *wb);
 
 /* Refuse new copies from now on, land every queued one, and join the
- * writer.  Safe with NULL, and twice.
+ * writer.  Safe with NULL, and twice in a row; not from two threads at
+ * once (the second would return before the queue has landed).
  */
 void aclone_writebehind_stop (struct aclone_writebehind *wb);
 

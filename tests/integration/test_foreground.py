@@ -1,6 +1,8 @@
 """Integration: foreground first (issue 11).  Behaviour, not timing:
 
-- copy threads run at idle CPU and I/O priority (SCHED_IDLE, ioprio idle);
+- copy threads run at idle CPU priority (SCHED_IDLE) and the lowest
+  best-effort I/O priority; a client that waits for a region lock a copy
+  holds brings them back to normal scheduling first;
 - while clients have requests in progress, the controller cuts
   hydration's window, and the source sees no more hydration reads in
   flight than the window; when they stop, the window opens again;
@@ -42,16 +44,43 @@ def threads(pid):
     return out
 
 
-def ioprio_class(tid):
-    """The I/O priority class of a thread (1 rt, 2 best-effort, 3 idle,
-    0 none), through the ioprio_get system call."""
+def ioprio(tid):
+    """The I/O priority of a thread: (class, level), class 1 rt,
+    2 best-effort, 3 idle, 0 none; through the ioprio_get system call."""
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     SYS_ioprio_get = 252                   # x86_64
     v = libc.syscall(SYS_ioprio_get, 1, tid)   # IOPRIO_WHO_PROCESS
     if v < 0:
         raise OSError(ctypes.get_errno(), "ioprio_get %d" % tid)
-    return v >> 13
+    return v >> 13, v & 0xff
+
+
+def copy_threads(pid):
+    """{tid: policy} of the copy threads and of their io_uring workers."""
+    ts = threads(pid)
+    copy = [t for t, (n, _) in ts.items() if n.startswith("aclone-copy")]
+    names = ["iou-wrk-%d" % t for t in copy]
+    return ({t: ts[t][1] for t in copy},
+            {t: pol for t, (n, pol) in ts.items() if n in names})
+
+
+def reads_in_flight(log):
+    """[(offset, count)] of the reads a log filter shows begun and not
+    ended."""
+    begun = {}
+    with open(log) as f:
+        for line in f:
+            words = line.split()
+            if len(words) < 5 or not words[2].startswith("connection="):
+                continue
+            key = (words[2], words[4])
+            if words[3] == "Read":
+                kv = dict(w.split("=", 1) for w in words[4:] if "=" in w)
+                begun[key] = (int(kv["offset"], 16), int(kv["count"], 16))
+            elif words[3] == "...Read":
+                begun.pop(key, None)
+    return list(begun.values())
 
 
 class BusyClient:
@@ -98,8 +127,9 @@ class ForegroundTest(CloneTest):
 
     def test_copy_threads_idle_priority(self):
         """Every copy thread, and the io_uring workers that run its
-        writes, is SCHED_IDLE with idle I/O priority; nbdkit's request
-        threads are not."""
+        writes, is SCHED_IDLE, with the lowest best-effort I/O priority
+        (not the idle class: a FLUSH waits for the writeback they start);
+        nbdkit's request threads keep normal priority."""
         src = self.slow_source(64 * MiB)
         # Limited to 1 MiB/s, it copies for a minute: the threads are
         # still there when they are looked at.
@@ -114,10 +144,10 @@ class ForegroundTest(CloneTest):
         for t in copy:
             self.assertEqual(ts[t][1], 5, "copy thread %d: policy %d, not "
                              "SCHED_IDLE" % (t, ts[t][1]))
-            self.assertEqual(ioprio_class(t), 3, "copy thread %d: I/O class" % t)
-        for t, (n, pol) in ts.items():
-            if any(n == "iou-wrk-%d" % w for w in copy):
-                self.assertEqual(pol, 5, "io_uring worker %s" % n)
+            self.assertEqual(ioprio(t), (2, 7), "copy thread %d: I/O priority" % t)
+        _, workers = copy_threads(c.proc.pid)
+        self.assertTrue(workers, "no io_uring worker of a copy thread")
+        self.assertEqual(set(workers.values()), {5}, "io_uring workers")
         others = [t for t, (n, pol) in ts.items()
                   if n == "nbdkit" and pol != 0]
         self.assertEqual(others, [], "nbdkit threads must keep normal priority")
@@ -181,14 +211,59 @@ class ForegroundTest(CloneTest):
             self.assertEqual(st["floor"], 10 << 30)
             wait_for(lambda: not status(self.meta)["foreground"]["idle_priority"],
                      30, "normal priority below the floor")
-            pol = [p for n, p in threads(c.proc.pid).values()
-                   if n.startswith("aclone-copy")]
-            self.assertTrue(pol and all(p == 0 for p in pol), pol)
+            wait_for(lambda: set(copy_threads(c.proc.pid)[0].values()) == {0},
+                     PROMPT, "copy threads at SCHED_OTHER")
+            copy, workers = copy_threads(c.proc.pid)
+            self.assertTrue(copy)
+            self.assertEqual(set(workers.values()) - {0}, set(),
+                             "io_uring workers left at SCHED_IDLE")
             start = peak_reads(self.log)[1]
             wait_for(lambda: peak_reads(self.log, after=start)[0] >= 3, 60,
                      "the window to grow despite the client")
         finally:
             client.stop()
+
+    def test_client_waiting_for_a_copy_lifts_its_priority(self):
+        """A client write to a region a copy holds (its source read takes
+        2 s) waits for it: the copy threads leave SCHED_IDLE while it
+        waits, and stay out of it until it is through (at idle priority
+        a busy CPU would leave the lock holder no time); then they go
+        back.  Both kinds of write: part of a region (read-modify-write)
+        and whole regions."""
+        src = self.slow_source(64 * MiB, delay="2000ms")
+        c = self.clone(src, hydrate_depth="1", hydrate_batch="256K")
+        h = c.connect()
+        for size in (4096, 2 * RS):
+            wait_for(lambda: reads_in_flight(self.log), 30, "a copy in flight")
+            wait_for(lambda: set(copy_threads(c.proc.pid)[0].values()) == {5},
+                     PROMPT, "copy threads at SCHED_IDLE")
+            off, _ = reads_in_flight(self.log)[0]
+            data = os.urandom(size)
+            done = threading.Event()
+            policies = []
+
+            def write():
+                h.pwrite(data, off)            # regions the copy holds
+                done.set()
+            t = threading.Thread(target=write)
+            t.start()
+            try:
+                while not done.wait(0.05):     # sampled all along the wait
+                    policies.append(set(copy_threads(c.proc.pid)[0].values()))
+            finally:
+                t.join(30)
+            self.assertGreater(len(policies), 5, "the write did not wait for the copy")
+            self.assertEqual(policies[-1], {0}, "copy threads went back to idle "
+                             "while a client still waited (size %d)" % size)
+            self.assertIn({0}, policies)
+            self.assertEqual(h.pread(size, off), data)
+        # The waiting clients lifted the copy threads themselves (under a
+        # busy CPU, the idle lock holder might not run to do it).
+        wait_for(lambda: status(self.meta)["foreground"]["lock_boosts"] >= 2,
+                 PROMPT, "status to count the lifts")
+        h.shutdown()
+        wait_for(lambda: set(copy_threads(c.proc.pid)[0].values()) == {5},
+                 10, "copy threads back at SCHED_IDLE")
 
     def test_copy_on_read_replies_before_dest_write(self):
         """With the dest write held, a read miss still gets its data at

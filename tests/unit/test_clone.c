@@ -612,6 +612,28 @@ wait_complete (struct aclone_clone *c, int seconds)
   assert_int_equal (aclone_clone_mode (c), ACLONE_MODE_COMPLETE);
 }
 
+/* Is the page at p mapped from the file at path (/proc/self/maps)? */
+static bool
+mapped_from (const volatile void *p, const char *path)
+{
+  FILE *f = fopen ("/proc/self/maps", "r");
+  char line[4096], real[4096];
+  bool found = false;
+
+  assert_non_null (f);
+  assert_non_null (realpath (path, real));
+  while (fgets (line, sizeof line, f)) {
+    unsigned long lo, hi;
+    if (sscanf (line, "%lx-%lx", &lo, &hi) == 2 &&
+        (uintptr_t) p >= lo && (uintptr_t) p < hi) {
+      found = strstr (line, real) != NULL;
+      break;
+    }
+  }
+  fclose (f);
+  return found;
+}
+
 static void
 test_hydrator_plain (void **state)
 {
@@ -635,6 +657,12 @@ test_hydrator_plain (void **state)
   assert_null (f->c->src);
   assert_true (aclone_meta_bit (f->c->meta, 0, REGIONS - 1));
   assert_true (f->c->meta->hdr.flags & ACLONE_FLAG_COMPLETE);
+  /* Complete: the in-core hydrated bits are the file's now (a private
+   * mapping of the metadata file), and still say hydrated everywhere.
+   */
+  assert_true (mapped_from (f->c->map.hydrated, f->meta));
+  for (uint64_t r = 0; r < REGIONS; r++)
+    assert_true (aclone_map_hydrated (&f->c->map, r));
   /* Zero MiBs (0, 2 and the 1234-byte tail) were skipped, not copied. */
   assert_int_equal (atomic_load (&f->c->bytes_skipped), (2u << 20) + 1234);
   assert_int_equal (f->src->read_bytes, SIZE - (2u << 20) - 1234);

@@ -119,8 +119,15 @@ test_base_history (void **state)
   aclone_fgctl_sample (&f, now, 9 * MS);
   assert_int_equal (aclone_fgctl_base (&f), 9 * MS);
   now += 100 * minute;                          /* long idle: all gone */
+  unsigned w = aclone_fgctl_window (&f, now, false, 8);
   aclone_fgctl_sample (&f, now, 30 * MS);
   assert_int_equal (aclone_fgctl_base (&f), 30 * MS);
+  /* The current reads still hold older, smaller latencies than the new
+   * base: no delay, no cut.
+   */
+  assert_true (aclone_fgctl_current (&f) < aclone_fgctl_base (&f));
+  assert_true (aclone_fgctl_window (&f, now, false, 8) >= w);
+  assert_int_not_equal (f.reason, ACLONE_FG_LATENCY);
 }
 
 /* Below the floor: boost (no client cuts), with hysteresis; never when

@@ -44,40 +44,56 @@ static void
 test_dirty_take_return (void **state)
 {
   struct aclone_map m;
-  uint64_t *idx = NULL, *words = NULL;
-  size_t cap = 0, n;
+  struct aclone_dirty_list l = { 0 };
   (void) state;
 
-  assert_int_equal (aclone_map_init (&m, 1 << 30, 16), 0);   /* 16384 regions */
+  assert_int_equal (aclone_map_init (&m, 1 << 30, 12), 0);   /* 262144 regions */
   aclone_map_set_hydrated (&m, 0, 2);
   aclone_map_set_hydrated (&m, 64 * 100 + 5, 1);
   aclone_map_set_written (&m, 7, 1);
   assert_true (atomic_load (&m.dirty));
-  assert_int_equal (aclone_map_take_dirty (&m, ACLONE_BIT_HYDRATED, &idx, &words, &cap, &n), 0);
-  assert_int_equal (n, 2);
-  assert_int_equal (idx[0], 0);
-  assert_int_equal (words[0], 3);
-  assert_int_equal (idx[1], 100);
-  assert_int_equal (words[1], 1 << 5);
+  assert_int_equal (aclone_map_take_dirty (&m, ACLONE_BIT_HYDRATED, &l), 0);
+  assert_int_equal (l.n, 2);
+  assert_int_equal (l.v[0].index, 0);
+  assert_int_equal (l.v[0].count, 1);
+  assert_int_equal (l.v[0].value, 3);
+  assert_int_equal (l.v[1].index, 100);
+  assert_int_equal (l.v[1].value, 1 << 5);
   /* Taken: a second take finds nothing. */
-  size_t n2;
-  assert_int_equal (aclone_map_take_dirty (&m, ACLONE_BIT_HYDRATED, &idx, &words, &cap, &n2), 0);
-  assert_int_equal (n2, 0);
+  assert_int_equal (aclone_map_take_dirty (&m, ACLONE_BIT_HYDRATED, &l), 0);
+  assert_int_equal (l.n, 0);
   /* A failed commit gives them back. */
-  uint64_t i0[1] = { 0 }, w0[1] = { 3 };
-  aclone_map_return_dirty (&m, ACLONE_BIT_HYDRATED, i0, w0, 1);
-  assert_int_equal (aclone_map_take_dirty (&m, ACLONE_BIT_HYDRATED, &idx, &words, &cap, &n2), 0);
-  assert_int_equal (n2, 1);
-  assert_int_equal (words[0], 3);
+  struct aclone_dirty_words w0 = { 0, 1, 3 };
+  struct aclone_dirty_list back = { &w0, 1, 1 };
+  aclone_map_return_dirty (&m, ACLONE_BIT_HYDRATED, &back);
+  assert_int_equal (aclone_map_take_dirty (&m, ACLONE_BIT_HYDRATED, &l), 0);
+  assert_int_equal (l.n, 1);
+  assert_int_equal (l.v[0].value, 3);
   /* Setting an already hydrated bit does not dirty it again. */
   aclone_map_set_hydrated (&m, 0, 1);
-  assert_int_equal (aclone_map_take_dirty (&m, ACLONE_BIT_HYDRATED, &idx, &words, &cap, &n2), 0);
-  assert_int_equal (n2, 0);
-  assert_int_equal (aclone_map_take_dirty (&m, ACLONE_BIT_WRITTEN, &idx, &words, &cap, &n2), 0);
-  assert_int_equal (n2, 1);
-  assert_int_equal (words[0], 1 << 7);
-  free (idx);
-  free (words);
+  assert_int_equal (aclone_map_take_dirty (&m, ACLONE_BIT_HYDRATED, &l), 0);
+  assert_int_equal (l.n, 0);
+  assert_int_equal (aclone_map_take_dirty (&m, ACLONE_BIT_WRITTEN, &l), 0);
+  assert_int_equal (l.n, 1);
+  assert_int_equal (l.v[0].value, 1 << 7);
+  /* A long hydrated run is one entry; a word set later in the same
+   * take's span is read as it is after the swap.
+   */
+  aclone_map_set_hydrated (&m, 64 * 200, 64 * 1000);
+  aclone_map_set_hydrated (&m, 64 * 1200 + 1, 3);
+  assert_int_equal (aclone_map_take_dirty (&m, ACLONE_BIT_HYDRATED, &l), 0);
+  assert_int_equal (l.n, 2);
+  assert_int_equal (l.v[0].index, 200);
+  assert_int_equal (l.v[0].count, 1000);
+  assert_int_equal (l.v[0].value, UINT64_MAX);
+  assert_int_equal (l.v[1].index, 1200);
+  assert_int_equal (l.v[1].value, 0xe);
+  /* Given back, the run dirties every one of its words again. */
+  aclone_map_return_dirty (&m, ACLONE_BIT_HYDRATED, &l);
+  assert_int_equal (aclone_map_take_dirty (&m, ACLONE_BIT_HYDRATED, &l), 0);
+  assert_int_equal (l.n, 2);
+  assert_int_equal (l.v[0].count, 1000);
+  free (l.v);
   aclone_map_free (&m);
 }
 
@@ -88,7 +104,15 @@ test_load_ignores_tail (void **state)
   uint64_t h[2] = { UINT64_MAX, UINT64_MAX }, w[2] = { 0, 0 };
   (void) state;
   assert_int_equal (aclone_map_init (&m, 70 * 4096, 12), 0);
-  aclone_map_load (&m, h, w);
+  aclone_map_load (&m, ACLONE_BIT_HYDRATED, 0, h, 2);
+  aclone_map_load (&m, ACLONE_BIT_WRITTEN, 0, w, 2);
+  assert_int_equal (atomic_load (&m.nr_hydrated), 70);
+  assert_false (aclone_map_written (&m, 3));
+  /* In pieces, from word 1 on: counted once. */
+  aclone_map_free (&m);
+  assert_int_equal (aclone_map_init (&m, 70 * 4096, 12), 0);
+  aclone_map_load (&m, ACLONE_BIT_HYDRATED, 1, h, 1);
+  aclone_map_load (&m, ACLONE_BIT_HYDRATED, 0, h, 1);
   assert_int_equal (atomic_load (&m.nr_hydrated), 70);
   aclone_map_free (&m);
 }

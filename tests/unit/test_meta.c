@@ -353,20 +353,33 @@ test_commit_bits (void **state)
   struct fx *f = *state;
   struct aclone_meta *m;
   struct aclone_error err;
-  uint64_t idx[2] = { 0, 3 }, words[2] = { 0x5, 1ull << 63 };
+  struct aclone_dirty_words v[2] = { { 0, 1, 0x5 }, { 3, 1, 1ull << 63 } };
+  struct aclone_dirty_words run = { 1, 2, UINT64_MAX };
 
   create_close (f->path, 1 << 20, 4096);       /* 256 regions */
   assert_int_equal (aclone_meta_open (f->path, ACLONE_META_SERVER, &m, &err), 0);
-  assert_int_equal (aclone_meta_commit_bits (m, 0, idx, words, 2, &err), 0);
-  assert_int_equal (aclone_meta_commit_bits (m, 1, idx, words, 1, &err), 0);
+  assert_int_equal (aclone_meta_commit_bits (m, 0, v, 2, &err), 0);
+  assert_int_equal (aclone_meta_commit_bits (m, 1, v, 1, &err), 0);
   aclone_meta_close (m);
   assert_int_equal (aclone_meta_open (f->path, ACLONE_META_READ, &m, &err), 0);
   assert_true (aclone_meta_bit (m, 0, 0));
   assert_false (aclone_meta_bit (m, 0, 1));
   assert_true (aclone_meta_bit (m, 0, 2));
+  assert_false (aclone_meta_bit (m, 0, 64));
   assert_true (aclone_meta_bit (m, 0, 255));
   assert_true (aclone_meta_bit (m, 1, 2));
   assert_false (aclone_meta_bit (m, 1, 255));
+  aclone_meta_close (m);
+  /* A run: words 1 and 2 whole; past the bitmap refused. */
+  assert_int_equal (aclone_meta_open (f->path, ACLONE_META_SERVER, &m, &err), 0);
+  assert_int_equal (aclone_meta_commit_bits (m, 0, &run, 1, &err), 0);
+  run.count = m->hdr.bitmap_len / 8;
+  assert_int_equal (aclone_meta_commit_bits (m, 0, &run, 1, &err), -ERANGE);
+  aclone_meta_close (m);
+  assert_int_equal (aclone_meta_open (f->path, ACLONE_META_READ, &m, &err), 0);
+  for (unsigned r = 64; r < 192; r++)
+    assert_true (aclone_meta_bit (m, 0, r));
+  assert_false (aclone_meta_bit (m, 0, 1));
   aclone_meta_close (m);
 }
 
