@@ -32,7 +32,7 @@ SHELL      = /bin/bash
 # (nbdfuse comes with libnbd-bin in Debian 12.)
 DEBS = gcc pkg-config meson ninja-build python3 \
        nbdkit nbdkit-plugin-dev libnbd-dev libnbd-bin python3-libnbd \
-       liburing-dev libbsd-dev libcmocka-dev libjson-c-dev \
+       liburing-dev libbsd-dev libcmocka-dev libjson-c-dev libnl-genl-3-dev \
        qemu-utils e2fsprogs fuse3 util-linux clang libclang-rt-14-dev valgrind \
        openssl systemd dpkg-dev debhelper lintian man-db \
        qemu-system-x86 nbd-client busybox-static cpio kmod

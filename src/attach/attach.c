@@ -23,8 +23,10 @@
  * simple replies).  nbd_close on the handle closes libnbd's descriptor,
  * not our duplicate, and sends nothing.
  *
- * Generic netlink is spoken directly (no libnl): resolve the family and
- * its multicast group, then a few fixed messages.
+ * Generic netlink goes through libnl-genl-3, which nbd-client uses too:
+ * it resolves the family and its multicast group, builds the nested
+ * socket attributes and matches acks to requests, which we wrote by hand
+ * before (160 lines with their own bounds checks).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -38,10 +40,11 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <sys/socket.h>
-#include <linux/genetlink.h>
 #include <linux/nbd-netlink.h>
-#include <linux/netlink.h>
+#include <netlink/attr.h>
+#include <netlink/genl/ctrl.h>
+#include <netlink/genl/genl.h>
+#include <netlink/msg.h>
 
 #include <libnbd.h>
 
@@ -58,167 +61,121 @@
 #define NBD_FLAG_SEND_WRITE_ZEROES  (1 << 6)
 #define NBD_FLAG_CAN_MULTI_CONN     (1 << 8)
 
-#define MSG_MAX 8192
+/* Netlink, through libnl-genl-3 (as nbd-client does) ----------------- */
 
-/* Netlink messages ------------------------------------------------- */
-
-struct msg {
-  union {
-    struct nlmsghdr nh;
-    char buf[MSG_MAX];
-  };
+struct nbd_netlink {
+  struct nl_sock *sk;              /* requests and their answers */
+  int family;                      /* the "nbd" generic netlink family */
+  int group;                       /* its "nbd_mc_group" */
 };
 
-static void
-msg_init (struct msg *m, uint16_t type, uint8_t cmd)
-{
-  memset (m, 0, sizeof (struct nlmsghdr) + GENL_HDRLEN);
-  m->nh.nlmsg_len = NLMSG_LENGTH (GENL_HDRLEN);
-  m->nh.nlmsg_type = type;
-  m->nh.nlmsg_flags = NLM_F_REQUEST | NLM_F_ACK;
-  struct genlmsghdr *g = NLMSG_DATA (&m->nh);
-  g->cmd = cmd;
-  g->version = 1;
-}
-
-/* Append an attribute; returns it (for nesting). */
-static struct nlattr *
-attr_put (struct msg *m, uint16_t type, const void *data, size_t len)
-{
-  struct nlattr *a = (struct nlattr *) (m->buf + NLMSG_ALIGN (m->nh.nlmsg_len));
-  a->nla_type = type;
-  a->nla_len = NLA_HDRLEN + len;
-  if (len)
-    memcpy ((char *) a + NLA_HDRLEN, data, len);
-  m->nh.nlmsg_len = NLMSG_ALIGN (m->nh.nlmsg_len) + NLA_ALIGN (a->nla_len);
-  return a;
-}
-
-static void
-attr_u32 (struct msg *m, uint16_t type, uint32_t v)
-{
-  attr_put (m, type, &v, sizeof v);
-}
-
-static void
-attr_u64 (struct msg *m, uint16_t type, uint64_t v)
-{
-  attr_put (m, type, &v, sizeof v);
-}
-
-/* Close a nest opened with attr_put (m, type | NLA_F_NESTED, NULL, 0). */
-static void
-attr_end (struct msg *m, struct nlattr *nest)
-{
-  nest->nla_len = m->buf + m->nh.nlmsg_len - (char *) nest;
-}
-
-/* The SOCKETS nest of one descriptor. */
-static void
-attr_socket (struct msg *m, int fd)
-{
-  struct nlattr *socks = attr_put (m, NBD_ATTR_SOCKETS | NLA_F_NESTED, NULL, 0);
-  struct nlattr *item = attr_put (m, NBD_SOCK_ITEM | NLA_F_NESTED, NULL, 0);
-  attr_u32 (m, NBD_SOCK_FD, fd);
-  attr_end (m, item);
-  attr_end (m, socks);
-}
-
-/* Find attribute type in [a, a+len).  NULL if absent. */
-static struct nlattr *
-attr_find (struct nlattr *a, int len, uint16_t type)
-{
-  for (; len >= NLA_HDRLEN && a->nla_len >= NLA_HDRLEN && a->nla_len <= len;
-       len -= NLA_ALIGN (a->nla_len),
-       a = (struct nlattr *) ((char *) a + NLA_ALIGN (a->nla_len)))
-    if ((a->nla_type & NLA_TYPE_MASK) == type)
-      return a;
-  return NULL;
-}
-
-#define ATTR_DATA(a) ((void *) ((char *) (a) + NLA_HDRLEN))
-#define ATTR_LEN(a) ((int) (a)->nla_len - NLA_HDRLEN)
-
-/* Send m and read the answer into reply.  Returns 0, or -errno from the
- * kernel's ack or the socket.
+/* A libnl error as -errno: the reconnect loop tells a detached device
+ * (ENOENT, EINVAL) from the rest.
  */
 static int
-transact (int nl, struct msg *m, struct msg *reply)
+nl_to_errno (int nlerr)
 {
-  static uint32_t seq;
-  m->nh.nlmsg_seq = ++seq;
-  if (send (nl, m, m->nh.nlmsg_len, 0) < 0)
-    return -errno;
-  for (;;) {
-    ssize_t n = recv (nl, reply->buf, sizeof reply->buf, 0);
-    if (n < 0)
-      return -errno;
-    for (struct nlmsghdr *h = &reply->nh; NLMSG_OK (h, (size_t) n);
-         h = NLMSG_NEXT (h, n)) {
-      if (h->nlmsg_seq != m->nh.nlmsg_seq)
-        continue;
-      if (h->nlmsg_type == NLMSG_ERROR) {
-        struct nlmsgerr *e = NLMSG_DATA (h);
-        return e->error;                  /* 0: the ack */
-      }
-      if (h != &reply->nh)
-        memmove (reply->buf, h, h->nlmsg_len);
-      /* Data first, the ack follows: read it too. */
-      struct msg ack;
-      ssize_t k = recv (nl, ack.buf, sizeof ack.buf, 0);
-      if (k > 0 && ack.nh.nlmsg_type == NLMSG_ERROR)
-        return ((struct nlmsgerr *) NLMSG_DATA (&ack.nh))->error;
-      return 0;
-    }
+  switch (nlerr < 0 ? -nlerr : nlerr) {
+  case NLE_OBJ_NOTFOUND: return -ENOENT;
+  case NLE_INVAL: return -EINVAL;
+  case NLE_BUSY: return -EBUSY;
+  case NLE_PERM: return -EPERM;
+  case NLE_NOMEM: return -ENOMEM;
+  case NLE_EXIST: return -EEXIST;
+  case NLE_OPNOTSUPP: return -EOPNOTSUPP;
+  default: return -EIO;
   }
 }
 
+/* Connect a generic netlink socket and resolve the nbd family and its
+ * multicast group.  0, or -errno with err set.
+ */
 static int
-netlink_open (void)
+netlink_open (struct nbd_netlink *n, struct aclone_error *err)
 {
-  int nl = socket (AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_GENERIC);
-  struct sockaddr_nl sa = { .nl_family = AF_NETLINK };
-  if (nl < 0)
-    return -errno;
-  if (bind (nl, (struct sockaddr *) &sa, sizeof sa) < 0) {
-    int e = errno;
-    close (nl);
-    return -e;
-  }
-  return nl;
+  int r;
+
+  n->sk = nl_socket_alloc ();
+  if (!n->sk)
+    return aclone_error_set (err, ENOMEM, "netlink");
+  if ((r = genl_connect (n->sk)) < 0)
+    return aclone_error_set (err, -nl_to_errno (r), "netlink: %s", nl_geterror (r));
+  n->family = genl_ctrl_resolve (n->sk, NBD_GENL_FAMILY_NAME);
+  n->group = genl_ctrl_resolve_grp (n->sk, NBD_GENL_FAMILY_NAME,
+                                    NBD_GENL_MCAST_GROUP_NAME);
+  if (n->family < 0 || n->group < 0)
+    return aclone_error_set (err, ENOENT, "the kernel's nbd netlink family "
+                             "(is the nbd module loaded?)");
+  return 0;
 }
 
-/* The nbd family's id and its multicast group's id. */
-static int
-resolve_family (int nl, uint16_t *family, uint32_t *group)
+static void
+netlink_close (struct nbd_netlink *n)
 {
-  struct msg m, reply;
-  msg_init (&m, GENL_ID_CTRL, CTRL_CMD_GETFAMILY);
-  attr_put (&m, CTRL_ATTR_FAMILY_NAME, NBD_GENL_FAMILY_NAME,
-            sizeof NBD_GENL_FAMILY_NAME);
-  int r = transact (nl, &m, &reply);
-  if (r < 0)
-    return r;
-  struct nlattr *attrs = (struct nlattr *) ((char *) NLMSG_DATA (&reply.nh) + GENL_HDRLEN);
-  int len = reply.nh.nlmsg_len - NLMSG_LENGTH (GENL_HDRLEN);
-  struct nlattr *id = attr_find (attrs, len, CTRL_ATTR_FAMILY_ID);
-  struct nlattr *groups = attr_find (attrs, len, CTRL_ATTR_MCAST_GROUPS);
-  if (!id)
-    return -ENOENT;
-  *family = *(uint16_t *) ATTR_DATA (id);
-  *group = 0;
-  /* MCAST_GROUPS: a list of nests, each with a name and an id. */
-  for (struct nlattr *g = groups ? ATTR_DATA (groups) : NULL;
-       g && (char *) g < (char *) groups + groups->nla_len;
-       g = (struct nlattr *) ((char *) g + NLA_ALIGN (g->nla_len))) {
-    struct nlattr *name = attr_find (ATTR_DATA (g), ATTR_LEN (g), CTRL_ATTR_MCAST_GRP_NAME);
-    struct nlattr *gid = attr_find (ATTR_DATA (g), ATTR_LEN (g), CTRL_ATTR_MCAST_GRP_ID);
-    if (name && gid && strcmp (ATTR_DATA (name), NBD_GENL_MCAST_GROUP_NAME) == 0)
-      *group = *(uint32_t *) ATTR_DATA (gid);
-    if (g->nla_len < NLA_HDRLEN)
-      break;
+  nl_socket_free (n->sk);            /* (NULL is fine) */
+  n->sk = NULL;
+}
+
+/* A request of the nbd family; NULL when out of memory. */
+static struct nl_msg *
+nbd_request (const struct nbd_netlink *n, uint8_t cmd)
+{
+  struct nl_msg *m = nlmsg_alloc ();
+
+  if (m && !genlmsg_put (m, NL_AUTO_PORT, NL_AUTO_SEQ, n->family, 0, 0, cmd, 0)) {
+    nlmsg_free (m);
+    m = NULL;
   }
-  return *group ? 0 : -ENOENT;
+  return m;
+}
+
+/* Add the SOCKETS nest of one descriptor.  0 or a libnl error. */
+static int
+put_socket (struct nl_msg *m, int fd)
+{
+  struct nlattr *socks = nla_nest_start (m, NBD_ATTR_SOCKETS);
+  struct nlattr *item = socks ? nla_nest_start (m, NBD_SOCK_ITEM) : NULL;
+
+  if (!item || nla_put_u32 (m, NBD_SOCK_FD, fd) < 0)
+    return -NLE_NOMEM;
+  nla_nest_end (m, item);
+  nla_nest_end (m, socks);
+  return 0;
+}
+
+/* NBD_ATTR_INDEX of an nbd message, or -1. */
+static int
+msg_index (struct nl_msg *msg)
+{
+  struct genlmsghdr *g = genlmsg_hdr (nlmsg_hdr (msg));
+  struct nlattr *a = nla_find (genlmsg_attrdata (g, 0), genlmsg_attrlen (g, 0),
+                               NBD_ATTR_INDEX);
+  return a ? (int) nla_get_u32 (a) : -1;
+}
+
+/* The answer to NBD_CMD_CONNECT names the device the kernel picked. */
+static int
+on_connect_reply (struct nl_msg *msg, void *arg)
+{
+  int i = msg_index (msg);
+  if (i >= 0)
+    *(int *) arg = i;
+  return NL_OK;
+}
+
+/* Send m (freed), wait for the kernel's ack; with on_reply, answers go
+ * to it.  0 or -errno.
+ */
+static int
+transact (const struct nbd_netlink *n, struct nl_msg *m,
+          nl_recvmsg_msg_cb_t on_reply, void *arg)
+{
+  if (!m)
+    return -ENOMEM;
+  nl_socket_modify_cb (n->sk, NL_CB_VALID, NL_CB_CUSTOM, on_reply, arg);
+  int r = nl_send_sync (n->sk, m);
+  nl_socket_modify_cb (n->sk, NL_CB_VALID, NL_CB_DEFAULT, NULL, NULL);
+  return r < 0 ? nl_to_errno (r) : 0;
 }
 
 /* NBD handshake ---------------------------------------------------- */
@@ -283,50 +240,68 @@ nap_ms (unsigned ms)
  * export's.
  */
 static int
-attach_connect (int nl, uint16_t family, const struct aclone_attach_config *cfg,
+attach_connect (const struct nbd_netlink *n, const struct aclone_attach_config *cfg,
                 int *index, uint64_t *size, struct aclone_error *err)
 {
-  struct msg m, reply;
   uint64_t flags;
   int fd = nbd_socket (cfg->uri, size, &flags, err);
 
   if (fd < 0)
     return fd;
-  msg_init (&m, family, NBD_CMD_CONNECT);
-  if (cfg->index >= 0)
-    attr_u32 (&m, NBD_ATTR_INDEX, cfg->index);
-  attr_u64 (&m, NBD_ATTR_SIZE_BYTES, *size);
-  attr_u64 (&m, NBD_ATTR_BLOCK_SIZE_BYTES, cfg->block_size ? cfg->block_size : 4096);
-  attr_u64 (&m, NBD_ATTR_SERVER_FLAGS, flags);
-  if (cfg->timeout_s)
-    attr_u64 (&m, NBD_ATTR_TIMEOUT, cfg->timeout_s);
-  attr_u64 (&m, NBD_ATTR_DEAD_CONN_TIMEOUT, cfg->reconnect_s);
-  attr_socket (&m, fd);
-  int r = transact (nl, &m, &reply);
+  struct nl_msg *m = nbd_request (n, NBD_CMD_CONNECT);
+  int r = -NLE_NOMEM;
+  if (m &&
+      (cfg->index < 0 || nla_put_u32 (m, NBD_ATTR_INDEX, cfg->index) == 0) &&
+      nla_put_u64 (m, NBD_ATTR_SIZE_BYTES, *size) == 0 &&
+      nla_put_u64 (m, NBD_ATTR_BLOCK_SIZE_BYTES,
+                   cfg->block_size ? cfg->block_size : 4096) == 0 &&
+      nla_put_u64 (m, NBD_ATTR_SERVER_FLAGS, flags) == 0 &&
+      (!cfg->timeout_s || nla_put_u64 (m, NBD_ATTR_TIMEOUT, cfg->timeout_s) == 0) &&
+      nla_put_u64 (m, NBD_ATTR_DEAD_CONN_TIMEOUT, cfg->reconnect_s) == 0 &&
+      (r = put_socket (m, fd)) == 0) {
+    *index = cfg->index;
+    r = transact (n, m, on_connect_reply, index);
+    m = NULL;                               /* sent and freed */
+  }
+  else
+    r = -ENOMEM;
+  nlmsg_free (m);
   close (fd);                               /* the kernel holds it now */
   if (r < 0)
     return aclone_error_set (err, -r, "/dev/nbd%d: connect", cfg->index);
-  *index = cfg->index;
-  struct nlattr *ia = attr_find ((struct nlattr *) ((char *) NLMSG_DATA (&reply.nh) + GENL_HDRLEN),
-                                 reply.nh.nlmsg_len - NLMSG_LENGTH (GENL_HDRLEN),
-                                 NBD_ATTR_INDEX);
-  if (ia)
-    *index = *(uint32_t *) ATTR_DATA (ia);
   return 0;
+}
+
+/* The multicast events of the nbd family: has our device's link died? */
+struct link_watch {
+  int index;
+  bool dead;
+};
+
+static int
+on_event (struct nl_msg *msg, void *arg)
+{
+  struct link_watch *w = arg;
+  struct genlmsghdr *g = genlmsg_hdr (nlmsg_hdr (msg));
+
+  if (g->cmd == NBD_CMD_LINK_DEAD && msg_index (msg) == w->index)
+    w->dead = true;
+  return NL_OK;
 }
 
 /* Step 2: wait until the kernel says our link died (1), or the device
  * was detached or we are asked to stop (0).
  */
 static int
-wait_link_dead (int events, uint16_t family, int index)
+wait_link_dead (struct nl_sock *events, int index)
 {
-  struct msg reply;
+  struct link_watch w = { index, false };
   char pidfile[64];
 
   snprintf (pidfile, sizeof pidfile, "/sys/block/nbd%d/pid", index);
-  while (!stop_requested) {
-    struct pollfd p = { .fd = events, .events = POLLIN };
+  nl_socket_modify_cb (events, NL_CB_VALID, NL_CB_CUSTOM, on_event, &w);
+  while (!stop_requested && !w.dead) {
+    struct pollfd p = { .fd = nl_socket_get_fd (events), .events = POLLIN };
     if (poll (&p, 1, 1000) <= 0) {
       /* A user's disconnect (nbd-client -d) sends no event, but the
        * device's pid file goes away with its configuration.
@@ -337,18 +312,9 @@ wait_link_dead (int events, uint16_t family, int index)
       }
       continue;
     }
-    ssize_t n = recv (events, reply.buf, sizeof reply.buf, 0);
-    if (n <= 0 || reply.nh.nlmsg_type != family)
-      continue;
-    struct genlmsghdr *g = NLMSG_DATA (&reply.nh);
-    struct nlattr *di = attr_find ((struct nlattr *) ((char *) g + GENL_HDRLEN),
-                                   reply.nh.nlmsg_len - NLMSG_LENGTH (GENL_HDRLEN),
-                                   NBD_ATTR_INDEX);
-    if (g->cmd == NBD_CMD_LINK_DEAD && di &&
-        *(uint32_t *) ATTR_DATA (di) == (uint32_t) index)
-      return 1;
+    nl_recvmsgs_default (events);
   }
-  return 0;
+  return w.dead;
 }
 
 /* Step 3: reconnect with backoff and hand the kernel the new socket
@@ -356,11 +322,10 @@ wait_link_dead (int events, uint16_t family, int index)
  * or the device was disconnected), or -errno (the export changed).
  */
 static int
-reconnect (int nl, uint16_t family, const struct aclone_attach_config *cfg,
+reconnect (const struct nbd_netlink *n, const struct aclone_attach_config *cfg,
            int index, uint64_t size, struct aclone_error *err)
 {
   unsigned long long backoff = 0;
-  struct msg m, reply;
 
   fprintf (stderr, "aclone: /dev/nbd%d: connection lost, reconnecting to %s\n",
            index, cfg->uri);
@@ -375,10 +340,14 @@ reconnect (int nl, uint16_t family, const struct aclone_attach_config *cfg,
                                (unsigned long long) size2);
     }
     if (fd >= 0) {
-      msg_init (&m, family, NBD_CMD_RECONFIGURE);
-      attr_u32 (&m, NBD_ATTR_INDEX, index);
-      attr_socket (&m, fd);
-      int rr = transact (nl, &m, &reply);
+      struct nl_msg *m = nbd_request (n, NBD_CMD_RECONFIGURE);
+      int rr = -ENOMEM;
+      if (m && nla_put_u32 (m, NBD_ATTR_INDEX, index) == 0 &&
+          put_socket (m, fd) == 0) {
+        rr = transact (n, m, NULL, NULL);
+        m = NULL;
+      }
+      nlmsg_free (m);
       close (fd);
       if (rr == 0) {
         fprintf (stderr, "aclone: /dev/nbd%d: reconnected\n", index);
@@ -399,47 +368,37 @@ reconnect (int nl, uint16_t family, const struct aclone_attach_config *cfg,
 int
 aclone_attach (const struct aclone_attach_config *cfg, struct aclone_error *err)
 {
-  uint16_t family;
-  uint32_t group;
+  struct nbd_netlink n = { 0 };
+  struct nl_sock *events = NULL;
   uint64_t size;
-  int r, nl, events = -1, index;
+  int r, index;
 
-  nl = netlink_open ();
-  if (nl < 0)
-    return aclone_error_set (err, -nl, "netlink");
-  r = resolve_family (nl, &family, &group);
-  if (r < 0) {
-    close (nl);
-    return aclone_error_set (err, -r, "the kernel's nbd netlink family "
-                             "(is the nbd module loaded?)");
-  }
-  r = attach_connect (nl, family, cfg, &index, &size, err);
-  if (r < 0) {
-    close (nl);
-    return r;
-  }
+  r = netlink_open (&n, err);
+  if (r == 0)
+    r = attach_connect (&n, cfg, &index, &size, err);
+  if (r < 0)
+    goto out;
   printf ("/dev/nbd%d: attached to %s (%llu bytes)\n", index, cfg->uri,
           (unsigned long long) size);
   fflush (stdout);
 
-  events = netlink_open ();
-  if (events < 0 ||
-      setsockopt (events, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, &group,
-                  sizeof group) < 0) {
-    r = aclone_error_set (err, errno, "netlink: nbd multicast group");
+  /* Events come unasked: no sequence numbers to match. */
+  events = nl_socket_alloc ();
+  if (!events || genl_connect (events) < 0 ||
+      (nl_socket_disable_seq_check (events),
+       nl_socket_add_membership (events, n.group) < 0)) {
+    r = aclone_error_set (err, EIO, "netlink: nbd multicast group");
     goto out;
   }
   struct sigaction sa = { .sa_handler = on_stop };
   sigaction (SIGTERM, &sa, NULL);
   sigaction (SIGINT, &sa, NULL);
-  r = 0;
-  while (r == 0 && wait_link_dead (events, family, index))
-    r = reconnect (nl, family, cfg, index, size, err);
+  while (r == 0 && wait_link_dead (events, index))
+    r = reconnect (&n, cfg, index, size, err);
   if (r > 0)
     r = 0;
  out:
-  if (events >= 0)
-    close (events);
-  close (nl);
+  nl_socket_free (events);
+  netlink_close (&n);
   return r;
 }

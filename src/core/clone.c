@@ -300,8 +300,10 @@ cor_land (void *opaque, const struct aclone_wb_copy *w)
 /* Copy-on-read of regions [first, first+count), locked by the caller,
  * with the write behind the reply.  Reads them whole from the source and
  * fills out[] with device bytes [out_off, out_off+out_len).  Returns
- *   1   done, and the lock is gone: the writer owns it, or the copy
- *       landed in line (queue full) and unlocked;
+ *   1   done, and the lock is gone: the writer owns it (or, if the
+ *       queue filled meanwhile, the copy was dropped and unlocked);
+ *   2   the writer is behind (its queue is full): no copy; the caller
+ *       unlocks and reads from the source alone;
  *   0   not done, nothing changed: some region is hydrated already, or
  *       there is no write-behind; the caller copies in line;
  *   <0  -errno of the source read; the caller still holds the lock.
@@ -317,7 +319,11 @@ cor_behind (struct aclone_clone *c, uint64_t first, uint64_t count,
 
   if (!c->wb ||
       aclone_map_run_state (&c->map, first, count, &hydrated) != count ||
-      hydrated || !(buf = malloc (len)))
+      hydrated)
+    return 0;
+  if (!aclone_writebehind_has_room (c->wb, len))
+    return 2;
+  if (!(buf = malloc (len)))
     return 0;
   atomic_fetch_add (&c->in_flight, len);
   r = source_read (c, buf, len, b0);
@@ -328,10 +334,12 @@ cor_behind (struct aclone_clone *c, uint64_t first, uint64_t count,
   }
   memcpy (out, buf + (out_off - b0), out_len);
   struct aclone_wb_copy w = { first, count, b0, len, buf };
-  if (aclone_writebehind_queue (c->wb, &w))
-    return 1;
-  cor_land (c, &w);                    /* full: in line, as without it */
-  free (buf);
+  if (!aclone_writebehind_queue (c->wb, &w)) {
+    /* Full after all: drop the copy, the hydrator will do it. */
+    atomic_fetch_sub (&c->in_flight, len);
+    aclone_map_unlock (&c->map, first, count);
+    free (buf);
+  }
   return 1;
 }
 
@@ -510,10 +518,12 @@ clone_pread (struct aclone_clone *c, void *buf, uint32_t count,
           ret = aclone_clone_copy_locked (c, r, n, p, pos, seg_end - pos);
         if (ret != 1)
           aclone_map_unlock (&c->map, r, n);
-        else
+        if (ret == 1)
           ret = 0;
+        else if (ret == 2)
+          locked = false;             /* no copy: from the source below */
       }
-      else {
+      if (!locked) {
         ret = source_read (c, p, seg_end - pos, pos);
         if (ret == -ESTALE)
           ret = aclone_dest_pread (c->dest, p, seg_end - pos, pos);
@@ -1402,7 +1412,7 @@ aclone_clone_shutdown (struct aclone_clone *c, unsigned drain_ms)
 
   /* 3. Land the copy-on-read writes behind replies, so that the final
    * commit marks them.  (A request still inside finds the writer
-   * stopped and writes in line.)
+   * stopped and copies nothing.)
    */
   aclone_writebehind_stop (c->wb);
 

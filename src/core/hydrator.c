@@ -74,6 +74,7 @@
 #define MAX_CONNS        64
 #define FG_WINDOW_NS      5000000ull         /* clients "active": 5 ms */
 #define PUBLISH_NS      100000000ull         /* controller to live page */
+#define CLIENTS_IDLE_NS 1000000000ull        /* idle priority while served */
 #define FLOOR_DEFAULT_DIV 10                 /* floor: a tenth of the best */
 #define STOP_DRAIN_NS    1000000000ull       /* reads finishing at stop */
 #define STALL_CHECK_NS    200000000ull       /* how often to look for hangs */
@@ -300,23 +301,30 @@ all_hydrated (struct worker *h)
   return atomic_load (&h->c->map.nr_hydrated) == h->c->map.regions;
 }
 
-/* This thread's priority (prio.h): idle when the copy threads may be,
- * the floor does not hold them up, and no client waited for a region
- * lock lately; else background.  A client that waits sets background
- * itself (aclone_clone_copies_to_background) and the boost window;
- * seeing the window here keeps h->idle true to what the thread has.
+/* This thread's priority (prio.h): idle while clients are being served
+ * (a request in the last CLIENTS_IDLE_NS), when the copy threads may be
+ * idle, the floor does not hold them up, and no client waits for a
+ * region lock; else background.  Without clients there is nobody to
+ * yield to but other background work (writeback, a local source), and
+ * idle priority would only slow the copy.  A client that waits for a
+ * lock sets background itself and bumps boost_gen; seeing that here
+ * keeps h->idle true to what the thread has.
  */
 static void
 follow_priority (struct worker *h)
 {
   struct aclone_clone *c = h->c;
   unsigned gen = atomic_load (&c->boost_gen);
+  unsigned long long last = atomic_load_explicit (&c->fg_last_ns,
+                                                  memory_order_relaxed);
 
   if (gen != h->boost_gen) {          /* a client set us to background */
     h->boost_gen = gen;
     h->idle = false;
   }
-  bool idle = !atomic_load (&h->hy->floor_boost) &&
+  bool served = atomic_load (&c->fg_active) > 0 ||
+                (last && aclone_now_ns () - last < CLIENTS_IDLE_NS);
+  bool idle = served && !atomic_load (&h->hy->floor_boost) &&
               aclone_clone_copies_may_idle (c);
   if (idle == h->idle || aclone_prio_apply (h->tid, idle) < 0)
     return;

@@ -123,6 +123,18 @@ aclone_writebehind_queue (struct aclone_writebehind *wb,
   return ok;
 }
 
+bool
+aclone_writebehind_has_room (struct aclone_writebehind *wb, size_t len)
+{
+  bool room;
+
+  pthread_mutex_lock (&wb->lock);
+  room = !wb->stopping &&
+         (wb->pending == 0 || wb->pending + len <= wb->max_bytes);
+  pthread_mutex_unlock (&wb->lock);
+  return room;
+}
+
 uint64_t
 aclone_writebehind_pending (struct aclone_writebehind *wb)
 {

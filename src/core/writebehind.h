@@ -22,9 +22,10 @@
  * step 3 leaves them unhydrated: their data is still the source's.
  *
  * The queue holds at most max_bytes; beyond that (dest slower than the
- * source), queueing fails and the caller writes in line, as without
- * write-behind: memory stays bounded and dest backpressure reaches the
- * client that causes it.
+ * source), the caller does not copy at all: the read is served from the
+ * source as without copy-on-read, the regions stay unhydrated for the
+ * hydrator.  Copy-on-read is an optimisation; neither memory nor the
+ * client's reply waits for it.
  */
 #ifndef ACLONE_WRITEBEHIND_H
 #define ACLONE_WRITEBEHIND_H
@@ -60,6 +61,11 @@ int aclone_writebehind_start (aclone_wb_land_fn land, void *opaque,
  */
 bool aclone_writebehind_queue (struct aclone_writebehind *wb,
                                const struct aclone_wb_copy *w);
+
+/* Is there room for len more bytes now?  (A hint: another thread may
+ * take it first, and aclone_writebehind_queue then says no.)
+ */
+bool aclone_writebehind_has_room (struct aclone_writebehind *wb, size_t len);
 
 /* Bytes queued and not landed yet; copies queued since start. */
 uint64_t aclone_writebehind_pending (struct aclone_writebehind *wb);

@@ -85,11 +85,12 @@ def reads_in_flight(log):
 
 class BusyClient:
     """A client that always has requests in progress: 4 reads of 4 KiB in
-    flight at once, within [0, span), until stopped."""
+    flight at once, within [base, base+span), until stopped."""
 
-    def __init__(self, server, span):
+    def __init__(self, server, span, base=0):
         self.h = server.connect()
         self.span = span
+        self.base = base
         self.stop_flag = False
         self.reads = 0
         self.t = threading.Thread(target=self.run)
@@ -99,7 +100,7 @@ class BusyClient:
         off = 0
         while not self.stop_flag:
             while self.h.aio_in_flight() < 4:
-                self.h.aio_pread(nbd.Buffer(4096), off)
+                self.h.aio_pread(nbd.Buffer(4096), self.base + off)
                 off = (off + 4096) % self.span
             self.h.poll(-1)
             while True:
@@ -126,34 +127,43 @@ class ForegroundTest(CloneTest):
                                 extra=["logfile=" + self.log, "rdelay=" + delay])
 
     def test_copy_threads_idle_priority(self):
-        """Every copy thread, and the io_uring workers that run its
-        writes, is SCHED_IDLE, with the lowest best-effort I/O priority
-        (not the idle class: a FLUSH waits for the writeback they start);
-        nbdkit's request threads keep normal priority."""
+        """While clients are served, every copy thread, and the io_uring
+        workers that run its writes, is SCHED_IDLE; without clients they
+        are at SCHED_OTHER (nothing to yield to but other background
+        work).  I/O priority: the lowest best-effort level, not the idle
+        class (a FLUSH waits for the writeback they start).  nbdkit's
+        request threads keep normal priority."""
         src = self.slow_source(64 * MiB)
         # Limited to 1 MiB/s, it copies for a minute: the threads are
         # still there when they are looked at.
         c = self.clone(src, hydrate_rate="1M", hydrate_batch="256K")
-        wait_for(lambda: any(n.startswith("aclone-copy")
-                             for n, _ in threads(c.proc.pid).values()),
-                 PROMPT, "copy threads")
         wait_for(lambda: status(self.meta)["bytes_copied"] > 0, 30, "a copy")
-        ts = threads(c.proc.pid)
-        copy = [t for t, (n, _) in ts.items() if n.startswith("aclone-copy")]
-        self.assertTrue(copy)
-        for t in copy:
-            self.assertEqual(ts[t][1], 5, "copy thread %d: policy %d, not "
-                             "SCHED_IDLE" % (t, ts[t][1]))
-            self.assertEqual(ioprio(t), (2, 7), "copy thread %d: I/O priority" % t)
-        _, workers = copy_threads(c.proc.pid)
-        self.assertTrue(workers, "no io_uring worker of a copy thread")
-        self.assertEqual(set(workers.values()), {5}, "io_uring workers")
-        others = [t for t, (n, pol) in ts.items()
-                  if n == "nbdkit" and pol != 0]
-        self.assertEqual(others, [], "nbdkit threads must keep normal priority")
-        st = status(self.meta)
-        self.assertEqual(st["state"], "hydrating")
-        self.assertTrue(st["foreground"]["idle_priority"])
+        wait_for(lambda: copy_threads(c.proc.pid)[0] and
+                 set(copy_threads(c.proc.pid)[0].values()) == {0},
+                 PROMPT, "copy threads at SCHED_OTHER without clients")
+        self.assertFalse(status(self.meta)["foreground"]["idle_priority"])
+        h = c.connect()
+        h.pread(MiB, 63 * MiB)                # the client's span, hydrated
+        h.shutdown()
+        client = BusyClient(c, MiB, base=63 * MiB)
+        try:
+            wait_for(lambda: set(copy_threads(c.proc.pid)[0].values()) == {5},
+                     PROMPT, "copy threads at SCHED_IDLE while a client is served")
+            ts = threads(c.proc.pid)
+            copy, workers = copy_threads(c.proc.pid)
+            for t in copy:
+                self.assertEqual(ioprio(t), (2, 7), "copy thread %d: I/O priority" % t)
+            self.assertTrue(workers, "no io_uring worker of a copy thread")
+            self.assertEqual(set(workers.values()), {5}, "io_uring workers")
+            others = [t for t, (n, pol) in ts.items() if n == "nbdkit" and pol != 0]
+            self.assertEqual(others, [], "nbdkit threads must keep normal priority")
+            st = wait_for(lambda: (lambda s: s["foreground"]["idle_priority"] and s)(
+                status(self.meta)), PROMPT, "status to show idle priority")
+            self.assertEqual(st["state"], "hydrating")
+        finally:
+            client.stop()
+        wait_for(lambda: set(copy_threads(c.proc.pid)[0].values()) == {0},
+                 PROMPT, "copy threads back at SCHED_OTHER after the client")
 
     def test_client_cuts_window(self):
         """The window grows while nobody reads; a busy client cuts it to
@@ -233,11 +243,20 @@ class ForegroundTest(CloneTest):
         src = self.slow_source(64 * MiB, delay="2000ms")
         c = self.clone(src, hydrate_depth="1", hydrate_batch="256K")
         h = c.connect()
+        # A client served all along (copy threads idle only then), from
+        # the last region, hydrated first: the reads in flight at the
+        # source below it are the copies'.
+        h.pread(4096, 64 * MiB - RS)
+        client = BusyClient(c, RS, base=64 * MiB - RS)
+        self.cleanups.append(client.stop)
+
+        def copies():
+            return [r for r in reads_in_flight(self.log) if r[0] < 64 * MiB - RS]
         for size in (4096, 2 * RS):
-            wait_for(lambda: reads_in_flight(self.log), 30, "a copy in flight")
+            wait_for(copies, 30, "a copy in flight")
             wait_for(lambda: set(copy_threads(c.proc.pid)[0].values()) == {5},
                      PROMPT, "copy threads at SCHED_IDLE")
-            off, _ = reads_in_flight(self.log)[0]
+            off, _ = copies()[0]
             data = os.urandom(size)
             done = threading.Event()
             policies = []
@@ -308,6 +327,33 @@ class ForegroundTest(CloneTest):
         want[3 * RS + 8192:3 * RS + 8192 + 4096] = patch
         self.assertEqual(read_all(h), bytes(want))
         h.shutdown()
+
+    def test_copy_on_read_skips_the_copy_when_the_writer_is_behind(self):
+        """With the dest write held, misses queue at most 16 MiB of
+        writes; later misses are served from the source without a copy,
+        at once, instead of waiting for dest.  The copies left out are
+        the hydrator's, later."""
+        src_path, source = self.random_file(32 * MiB, seed=7)
+        src = self.source_file(src_path)
+        c = self.failio_clone(src, hydrate="false")
+        h = c.connect()
+        open(self.hold_trigger, "w").close()
+        t0 = time.monotonic()
+        for off in range(0, 24 * MiB, MiB):
+            self.assertEqual(h.pread(MiB, off), source[off:off + MiB], off)
+        self.assert_prompt(time.monotonic() - t0, PROMPT,
+                           "24 MiB of misses while dest writes are held")
+        st = wait_for(lambda: (lambda s: s["foreground"]["cor_pending"] > 0 and s)(
+            status(self.meta)), 10, "the held writes to show as pending")
+        self.assertEqual(st["foreground"]["cor_pending"], 16 * MiB, st)
+        self.assertEqual(st["hydrated"], 0)
+        os.unlink(self.hold_trigger)
+        cli("resume", self.meta)
+        self.wait_complete(60)
+        self.assertEqual(read_all(h), source)
+        h.shutdown()
+        c.stop()
+        self.assertEqual(sha(self.dest), sha(src_path))
 
     def test_crash_between_reply_and_write(self):
         """A crash after a copy-on-read reply and before its dest write
