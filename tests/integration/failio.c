@@ -5,7 +5,7 @@
  * While the file named by FAILIO_SYNC_TRIGGER exists, fdatasync and
  * fsync of the file FAILIO_PATH fail with EIO; while FAILIO_WRITE_TRIGGER
  * exists, pwrite to it fails with EIO; while FAILIO_HOLD_TRIGGER exists,
- * pwrite to it waits (up to 20 s), a dest write that has not landed yet.
+ * pwrite to it waits (up to 12 s), a dest write that has not landed yet.
  * Every other call, and every call
  * on another file, goes to libc.  (The hydrator's io_uring writes are not
  * seen here: they fail through a full dest instead, in the tests.)
@@ -74,7 +74,7 @@ pwrite (int fd, const void *buf, size_t count, off_t offset)
     errno = EIO;
     return -1;
   }
-  for (int i = 0; i < 2000 && should_fail (fd, "FAILIO_HOLD_TRIGGER"); i++)
+  for (int i = 0; i < 1200 && should_fail (fd, "FAILIO_HOLD_TRIGGER"); i++)
     usleep (10000);
   return real (fd, buf, count, offset);
 }

@@ -184,7 +184,7 @@ class ForegroundTest(CloneTest):
         try:
             st = self.status_becomes(timeout=30, state="hydrating")
             wait_for(lambda: status(self.meta)["foreground"]["limited_by"] == "client",
-                     30, "status to show client cuts")
+                     10, "status to show client cuts")
             st = status(self.meta)
             self.assertGreater(st["foreground"]["client_cuts"], 0)
             time.sleep(0.5)                   # reads begun before the cuts end
