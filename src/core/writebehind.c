@@ -92,6 +92,16 @@ aclone_writebehind_start (aclone_wb_land_fn land, void *opaque,
   return 0;
 }
 
+/* Is there room for len more bytes?  One copy larger than the bound
+ * still goes, into an empty queue.  Must be called with wb->lock held.
+ */
+static bool
+__room (const struct aclone_writebehind *wb, size_t len)
+{
+  return !wb->stopping &&
+         (wb->pending == 0 || wb->pending + len <= wb->max_bytes);
+}
+
 bool
 aclone_writebehind_queue (struct aclone_writebehind *wb,
                           const struct aclone_wb_copy *w)
@@ -104,9 +114,7 @@ aclone_writebehind_queue (struct aclone_writebehind *wb,
   it->w = *w;
   it->next = NULL;
   pthread_mutex_lock (&wb->lock);
-  /* One copy larger than the bound still goes, into an empty queue. */
-  if (!wb->stopping &&
-      (wb->pending == 0 || wb->pending + w->len <= wb->max_bytes)) {
+  if (__room (wb, w->len)) {
     if (wb->tail)
       wb->tail->next = it;
     else
@@ -129,8 +137,7 @@ aclone_writebehind_has_room (struct aclone_writebehind *wb, size_t len)
   bool room;
 
   pthread_mutex_lock (&wb->lock);
-  room = !wb->stopping &&
-         (wb->pending == 0 || wb->pending + len <= wb->max_bytes);
+  room = __room (wb, len);
   pthread_mutex_unlock (&wb->lock);
   return room;
 }
