@@ -66,8 +66,9 @@ def copy_threads(pid):
 
 
 def reads_in_flight(log):
-    """[(offset, count)] of the reads a log filter shows begun and not
-    ended."""
+    """[(offset, count, age in seconds)] of the reads a log filter shows
+    begun and not ended, the youngest first."""
+    import datetime
     begun = {}
     with open(log) as f:
         for line in f:
@@ -77,10 +78,13 @@ def reads_in_flight(log):
             key = (words[2], words[4])
             if words[3] == "Read":
                 kv = dict(w.split("=", 1) for w in words[4:] if "=" in w)
-                begun[key] = (int(kv["offset"], 16), int(kv["count"], 16))
+                t = datetime.datetime.strptime(words[0] + " " + words[1],
+                                               "%Y-%m-%d %H:%M:%S.%f").timestamp()
+                begun[key] = (int(kv["offset"], 16), int(kv["count"], 16),
+                              time.time() - t)
             elif words[3] == "...Read":
                 begun.pop(key, None)
-    return list(begun.values())
+    return sorted(begun.values(), key=lambda r: r[2])
 
 
 class BusyClient:
@@ -250,13 +254,16 @@ class ForegroundTest(CloneTest):
         client = BusyClient(c, RS, base=64 * MiB - RS)
         self.cleanups.append(client.stop)
 
-        def copies():
-            return [r for r in reads_in_flight(self.log) if r[0] < 64 * MiB - RS]
+        def fresh_copies():
+            """Copies begun in the last half second: each has 1.5 s left
+            (a copy about to end would not make the write wait)."""
+            return [r for r in reads_in_flight(self.log)
+                    if r[0] < 64 * MiB - RS and r[2] < 0.5]
         for size in (4096, 2 * RS):
-            wait_for(copies, 30, "a copy in flight")
             wait_for(lambda: set(copy_threads(c.proc.pid)[0].values()) == {5},
                      PROMPT, "copy threads at SCHED_IDLE")
-            off, _ = copies()[0]
+            wait_for(fresh_copies, 30, "a copy just begun", interval=0.05)
+            off = fresh_copies()[0][0]
             data = os.urandom(size)
             done = threading.Event()
             policies = []
