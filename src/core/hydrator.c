@@ -211,16 +211,16 @@ paused (struct worker *h)
 }
 
 /* Are clients being served: a request in progress, or one that began
- * within FG_WINDOW_NS (a client at queue depth 1 has nothing in progress
- * between its requests)?
+ * within the last `within` ns (a client at queue depth 1 has nothing in
+ * progress between its requests)?
  */
 static bool
-clients_active (struct worker *h)
+clients_active (struct worker *h, unsigned long long within)
 {
   unsigned long long last = atomic_load_explicit (&h->c->fg_last_ns,
                                                   memory_order_relaxed);
   return atomic_load (&h->c->fg_active) > 0 ||
-         (last && aclone_now_ns () - last < FG_WINDOW_NS);
+         (last && aclone_now_ns () - last < within);
 }
 
 /* How many batches this worker may have in flight now: the controller's
@@ -236,7 +236,7 @@ depth_limit (struct worker *h)
   struct aclone_hydrator *hy = h->hy;
   uint64_t d = CTL (h, ctl_depth);
   unsigned cap = d ? (unsigned) MIN (d, ACLONE_HYDRATOR_MAX_DEPTH) : h->cfg.depth;
-  bool client = clients_active (h);
+  bool client = clients_active (h, FG_WINDOW_NS);
 
   pthread_mutex_lock (&hy->fg_lock);
   unsigned w = aclone_fgctl_window (&hy->fg, aclone_now_ns (), client, cap);
@@ -315,16 +315,13 @@ follow_priority (struct worker *h)
 {
   struct aclone_clone *c = h->c;
   unsigned gen = atomic_load (&c->boost_gen);
-  unsigned long long last = atomic_load_explicit (&c->fg_last_ns,
-                                                  memory_order_relaxed);
 
   if (gen != h->boost_gen) {          /* a client set us to background */
     h->boost_gen = gen;
     h->idle = false;
   }
-  bool served = atomic_load (&c->fg_active) > 0 ||
-                (last && aclone_now_ns () - last < CLIENTS_IDLE_NS);
-  bool idle = served && !atomic_load (&h->hy->floor_boost) &&
+  bool idle = clients_active (h, CLIENTS_IDLE_NS) &&
+              !atomic_load (&h->hy->floor_boost) &&
               aclone_clone_copies_may_idle (c);
   if (idle == h->idle || aclone_prio_apply (h->tid, idle) < 0)
     return;
