@@ -64,6 +64,8 @@ struct aclone_clone {
   atomic_uint_fast64_t hint;     /* 1 + region after the last read miss, 0 none */
   atomic_uint fg_active;         /* client requests in progress */
   atomic_uint_fast64_t fg_last_ns; /* when the last client request began */
+  atomic_uint_fast64_t copy_write_cuts; /* copy writes cut into pieces while
+                                         * clients were served (hydrator.c) */
   atomic_bool backing_off;       /* hydrator waiting after failures */
   /* After a copy-on-read's dest write failed: no copy-on-read before
    * this time (aclone_now_ns), reads go to the source alone.

@@ -122,10 +122,13 @@ teardown (void **state)
   return 0;
 }
 
-/* Serve plugin_args, open the clone on it and hydrate it to the end. */
+/* Serve plugin_args, open the clone on it and hydrate it to the end;
+ * before_start (if any) sees the clone before the hydrator starts.
+ */
 static void
-hydrate (struct fx *f, const char *const *plugin_args,
-         struct aclone_hydrator_config hc)
+hydrate_with (struct fx *f, const char *const *plugin_args,
+              struct aclone_hydrator_config hc,
+              void (*before_start) (struct fx *))
 {
   struct aclone_error err;
   char uri[256];
@@ -143,6 +146,8 @@ hydrate (struct fx *f, const char *const *plugin_args,
                                      .copy_on_read = true };
   assert_int_equal (aclone_clone_open (&cfg, f->src, log_sink, f, &f->c, &err), 0);
   assert_int_equal (aclone_clone_start (f->c, &err), 0);
+  if (before_start)
+    before_start (f);
   assert_int_equal (aclone_hydrator_start (f->c, &hc, &err), 0);
   for (int i = 0; i < 6000 && aclone_clone_mode (f->c) != ACLONE_MODE_COMPLETE; i++)
     usleep (10000);                            /* 60 s: a hang, not a speed */
@@ -154,6 +159,13 @@ hydrate (struct fx *f, const char *const *plugin_args,
   assert_true (atomic_load (&f->ring_conns) > 0);  /* the ring engine ran */
 }
 
+static void
+hydrate (struct fx *f, const char *const *plugin_args,
+         struct aclone_hydrator_config hc)
+{
+  hydrate_with (f, plugin_args, hc, NULL);
+}
+
 static unsigned char *
 read_dest (struct fx *f)
 {
@@ -163,6 +175,21 @@ read_dest (struct fx *f)
   assert_int_equal (pread (fd, d, SIZE, 0), SIZE);
   close (fd);
   return d;
+}
+
+/* Dest holds nbdkit pattern's bytes: each word its own offset. */
+static void
+check_pattern (struct fx *f)
+{
+  unsigned char *d = read_dest (f);
+  for (uint64_t off = 0; off < SIZE; off += 8) {
+    uint64_t w;
+    memcpy (&w, d + off, 8);
+    if (be64toh (w) != off)
+      fail_msg ("dest word at %llu is %llx", (unsigned long long) off,
+                (unsigned long long) be64toh (w));
+  }
+  free (d);
 }
 
 /* Every byte copied, through several workers, batches and connections,
@@ -178,15 +205,9 @@ test_ring_copies_pattern (void **state)
   hc.batch = 256 * 1024;
   hydrate (f, args, hc);
   assert_int_equal (atomic_load (&f->c->bytes_copied), SIZE);
-  unsigned char *d = read_dest (f);
-  for (uint64_t off = 0; off < SIZE; off += 8) {
-    uint64_t w;
-    memcpy (&w, d + off, 8);
-    if (be64toh (w) != off)
-      fail_msg ("dest word at %llu is %llx", (unsigned long long) off,
-                (unsigned long long) be64toh (w));
-  }
-  free (d);
+  check_pattern (f);
+  /* No client: every batch written in one piece. */
+  assert_int_equal (atomic_load (&f->c->copy_write_cuts), 0);
 }
 
 /* Zero extents skipped without copying, data runs copied, dest equal to
@@ -224,12 +245,40 @@ test_ring_sparse_source (void **state)
   free (d);
 }
 
+/* A client request in progress from start to end, as far as the
+ * hydrator can tell.
+ */
+static void
+client_busy (struct fx *f)
+{
+  atomic_fetch_add (&f->c->fg_active, 1);
+}
+
+/* While clients are served, copies are written in pieces (each one a
+ * shorter stretch of kernel work a client thread cannot preempt), and
+ * the pieces add up: dest is whole.
+ */
+static void
+test_ring_cuts_writes_for_clients (void **state)
+{
+  struct fx *f = *state;
+  static const char *const args[] = { "pattern", "16M", NULL };
+  struct aclone_hydrator_config hc = ACLONE_HYDRATOR_DEFAULTS;
+
+  hydrate_with (f, args, hc, client_busy);
+  atomic_fetch_sub (&f->c->fg_active, 1);
+  assert_true (atomic_load (&f->c->copy_write_cuts) > 0);
+  assert_int_equal (atomic_load (&f->c->bytes_copied), SIZE);
+  check_pattern (f);
+}
+
 int
 main (void)
 {
   const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown (test_ring_copies_pattern, setup, teardown),
     cmocka_unit_test_setup_teardown (test_ring_sparse_source, setup, teardown),
+    cmocka_unit_test_setup_teardown (test_ring_cuts_writes_for_clients, setup, teardown),
   };
   return cmocka_run_group_tests (tests, NULL, NULL);
 }
