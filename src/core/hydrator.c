@@ -853,6 +853,9 @@ issue_write (struct worker *h, unsigned idx)
   struct io_uring_sqe *sqe = get_sqe (h);
 
   if (!sqe) {                          /* cannot happen with our sizing */
+    /* Pieces already written changed dest: it no longer reads zero. */
+    if (b->done > 0)
+      aclone_clone_dest_failed (h->c, -EBUSY, "write", b->off + b->done);
     batch_release (h, b, false);
     return;
   }
@@ -863,10 +866,12 @@ issue_write (struct worker *h, unsigned idx)
    * preemption, Debian's default): 1 MiB held hydrated 4 KiB reads for
    * up to 3 ms, their p99 8x the paused figure; 64 KiB pieces cut that
    * to 3x (tests/bench/run --only 9).  The rest follows as a short
-   * write's would.
+   * write's would.  Below the progress floor the cut is off, as the
+   * client cuts and idle priority are.
    */
   size_t len = b->len - b->done;
-  if (len > WRITE_PIECE_SERVED && clients_active (h, CLIENTS_IDLE_NS)) {
+  if (len > WRITE_PIECE_SERVED && clients_active (h, CLIENTS_IDLE_NS) &&
+      !atomic_load (&h->hy->floor_boost)) {
     len = WRITE_PIECE_SERVED;
     atomic_fetch_add_explicit (&h->c->copy_write_cuts, 1, memory_order_relaxed);
   }
