@@ -4,6 +4,8 @@
 #ifndef ACLONE_ATTACH_H
 #define ACLONE_ATTACH_H
 
+#include <stdbool.h>
+
 #include "aclone/error.h"
 
 struct aclone_attach_config {
@@ -12,7 +14,11 @@ struct aclone_attach_config {
   unsigned block_size;         /* 0: 4096 */
   unsigned timeout_s;          /* request timeout; 0: none (never resent) */
   unsigned reconnect_s;        /* how long I/O waits for a new connection */
+  unsigned connections;        /* sockets the device spreads I/O over; 0: 1 */
+  bool readonly;               /* attach read-only whatever the export says */
 };
+
+#define ACLONE_ATTACH_MAX_CONNECTIONS 16
 
 /* Connect, attach, then run until SIGTERM/SIGINT or until the device is
  * detached (nbd-client -d), reconnecting whenever the kernel reports the
@@ -20,5 +26,10 @@ struct aclone_attach_config {
  */
 int aclone_attach (const struct aclone_attach_config *cfg,
                    struct aclone_error *err);
+
+/* Detach /dev/nbd<index> (NBD_CMD_DISCONNECT), as nbd-client -d does; an
+ * `aclone attach` serving it then exits.  0 or -errno with err set.
+ */
+int aclone_attach_detach (int index, struct aclone_error *err);
 
 #endif

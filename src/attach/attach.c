@@ -129,16 +129,20 @@ nbd_request (const struct nbd_netlink *n, uint8_t cmd)
   return m;
 }
 
-/* Add the SOCKETS nest of one descriptor.  0 or a libnl error. */
+/* Add the SOCKETS nest of n descriptors.  0 or a libnl error. */
 static int
-put_socket (struct nl_msg *m, int fd)
+put_sockets (struct nl_msg *m, const int *fds, unsigned n)
 {
   struct nlattr *socks = nla_nest_start (m, NBD_ATTR_SOCKETS);
-  struct nlattr *item = socks ? nla_nest_start (m, NBD_SOCK_ITEM) : NULL;
 
-  if (!item || nla_put_u32 (m, NBD_SOCK_FD, fd) < 0)
+  if (!socks)
     return -NLE_NOMEM;
-  nla_nest_end (m, item);
+  for (unsigned i = 0; i < n; i++) {
+    struct nlattr *item = nla_nest_start (m, NBD_SOCK_ITEM);
+    if (!item || nla_put_u32 (m, NBD_SOCK_FD, fds[i]) < 0)
+      return -NLE_NOMEM;
+    nla_nest_end (m, item);
+  }
   nla_nest_end (m, socks);
   return 0;
 }
@@ -235,21 +239,77 @@ nap_ms (unsigned ms)
   nanosleep (&ts, NULL);
 }
 
-/* Step 1: connect to the export and give the kernel the socket
- * (NBD_CMD_CONNECT).  *index receives the device's number, *size the
- * export's.
+/* Open the first n connections of an attach; the first gives size and
+ * flags, the others must agree on the size.  Several need the export's
+ * multi-conn: without it the server does not promise that a FLUSH on one
+ * connection covers writes completed on another, which the kernel
+ * assumes.  Returns n with fds[] filled, or -errno with err set.
  */
 static int
-attach_connect (const struct nbd_netlink *n, const struct aclone_attach_config *cfg,
+open_sockets (const struct aclone_attach_config *cfg, unsigned n, int *fds,
+              uint64_t *size, uint64_t *flags, struct aclone_error *err)
+{
+  unsigned i;
+  int r = 0;
+
+  for (i = 0; i < n; i++) {
+    uint64_t sz, fl;
+    fds[i] = nbd_socket (cfg->uri, i ? &sz : size, i ? &fl : flags, err);
+    if (fds[i] < 0) {
+      r = fds[i];
+      break;
+    }
+    if (i == 0 && n > 1 && !(*flags & NBD_FLAG_CAN_MULTI_CONN)) {
+      r = aclone_error_set (err, 0, "%s: the export does not advertise "
+                            "multi-conn: one connection only", cfg->uri);
+      i++;
+      break;
+    }
+    if (i > 0 && sz != *size) {
+      r = aclone_error_set (err, 0, "%s: connection %u sees %llu bytes, "
+                            "not %llu", cfg->uri, i + 1,
+                            (unsigned long long) sz, (unsigned long long) *size);
+      i++;
+      break;
+    }
+  }
+  if (r < 0) {
+    while (i-- > 0)
+      if (fds[i] >= 0)
+        close (fds[i]);
+    return r;
+  }
+  return (int) n;
+}
+
+/* Step 1: connect to the export, then open netlink (n) and give the
+ * kernel the sockets (NBD_CMD_CONNECT): what is wrong with the export is
+ * said first, whatever the kernel lacks.  *index receives the device's
+ * number, *size the export's.
+ */
+static int
+attach_connect (struct nbd_netlink *n, const struct aclone_attach_config *cfg,
                 int *index, uint64_t *size, struct aclone_error *err)
 {
+  unsigned nconn = cfg->connections ? cfg->connections : 1;
+  int fds[ACLONE_ATTACH_MAX_CONNECTIONS];
   uint64_t flags;
-  int fd = nbd_socket (cfg->uri, size, &flags, err);
 
-  if (fd < 0)
-    return fd;
+  if (nconn > ACLONE_ATTACH_MAX_CONNECTIONS)
+    return aclone_error_set (err, EINVAL, "at most %d connections",
+                             ACLONE_ATTACH_MAX_CONNECTIONS);
+  int r = open_sockets (cfg, nconn, fds, size, &flags, err);
+  if (r < 0)
+    return r;
+  if ((r = netlink_open (n, err)) < 0) {
+    for (unsigned i = 0; i < nconn; i++)
+      close (fds[i]);
+    return r;
+  }
+  if (cfg->readonly)
+    flags |= NBD_FLAG_READ_ONLY;
   struct nl_msg *m = nbd_request (n, NBD_CMD_CONNECT);
-  int r = -NLE_NOMEM;
+  r = -NLE_NOMEM;
   if (m &&
       (cfg->index < 0 || nla_put_u32 (m, NBD_ATTR_INDEX, cfg->index) == 0) &&
       nla_put_u64 (m, NBD_ATTR_SIZE_BYTES, *size) == 0 &&
@@ -258,7 +318,7 @@ attach_connect (const struct nbd_netlink *n, const struct aclone_attach_config *
       nla_put_u64 (m, NBD_ATTR_SERVER_FLAGS, flags) == 0 &&
       (!cfg->timeout_s || nla_put_u64 (m, NBD_ATTR_TIMEOUT, cfg->timeout_s) == 0) &&
       nla_put_u64 (m, NBD_ATTR_DEAD_CONN_TIMEOUT, cfg->reconnect_s) == 0 &&
-      (r = put_socket (m, fd)) == 0) {
+      (r = put_sockets (m, fds, nconn)) == 0) {
     *index = cfg->index;
     r = transact (n, m, on_connect_reply, index);
     m = NULL;                               /* sent and freed */
@@ -266,16 +326,19 @@ attach_connect (const struct nbd_netlink *n, const struct aclone_attach_config *
   else
     r = -ENOMEM;
   nlmsg_free (m);
-  close (fd);                               /* the kernel holds it now */
+  for (unsigned i = 0; i < nconn; i++)
+    close (fds[i]);                         /* the kernel holds them now */
   if (r < 0)
     return aclone_error_set (err, -r, "/dev/nbd%d: connect", cfg->index);
   return 0;
 }
 
-/* The multicast events of the nbd family: has our device's link died? */
+/* The multicast events of the nbd family: how many of our device's
+ * connections died?  (One event per connection.)
+ */
 struct link_watch {
   int index;
-  bool dead;
+  unsigned dead;
 };
 
 static int
@@ -285,17 +348,17 @@ on_event (struct nl_msg *msg, void *arg)
   struct genlmsghdr *g = genlmsg_hdr (nlmsg_hdr (msg));
 
   if (g->cmd == NBD_CMD_LINK_DEAD && msg_index (msg) == w->index)
-    w->dead = true;
+    w->dead++;
   return NL_OK;
 }
 
-/* Step 2: wait until the kernel says our link died (1), or the device
- * was detached or we are asked to stop (0).
+/* Step 2: wait until the kernel says connections of ours died (how
+ * many), or the device was detached or we are asked to stop (0).
  */
-static int
+static unsigned
 wait_link_dead (struct nl_sock *events, int index)
 {
-  struct link_watch w = { index, false };
+  struct link_watch w = { index, 0 };
   char pidfile[64];
 
   snprintf (pidfile, sizeof pidfile, "/sys/block/nbd%d/pid", index);
@@ -343,7 +406,7 @@ reconnect (const struct nbd_netlink *n, const struct aclone_attach_config *cfg,
       struct nl_msg *m = nbd_request (n, NBD_CMD_RECONFIGURE);
       int rr = -ENOMEM;
       if (m && nla_put_u32 (m, NBD_ATTR_INDEX, index) == 0 &&
-          put_socket (m, fd) == 0) {
+          put_sockets (m, &fd, 1) == 0) {
         rr = transact (n, m, NULL, NULL);
         m = NULL;
       }
@@ -373,9 +436,7 @@ aclone_attach (const struct aclone_attach_config *cfg, struct aclone_error *err)
   uint64_t size;
   int r, index;
 
-  r = netlink_open (&n, err);
-  if (r == 0)
-    r = attach_connect (&n, cfg, &index, &size, err);
+  r = attach_connect (&n, cfg, &index, &size, err);
   if (r < 0)
     goto out;
   printf ("/dev/nbd%d: attached to %s (%llu bytes)\n", index, cfg->uri,
@@ -393,12 +454,36 @@ aclone_attach (const struct aclone_attach_config *cfg, struct aclone_error *err)
   struct sigaction sa = { .sa_handler = on_stop };
   sigaction (SIGTERM, &sa, NULL);
   sigaction (SIGINT, &sa, NULL);
-  while (r == 0 && wait_link_dead (events, index))
-    r = reconnect (&n, cfg, index, size, err);
+  /* The kernel puts a new socket in place of a dead one, any one
+   * (and takes none when none is dead): one reconnect per death.
+   */
+  for (unsigned dead; r == 0 && (dead = wait_link_dead (events, index)) > 0; )
+    while (r == 0 && dead-- > 0)
+      r = reconnect (&n, cfg, index, size, err);
   if (r > 0)
     r = 0;
  out:
   nl_socket_free (events);
+  netlink_close (&n);
+  return r;
+}
+
+int
+aclone_attach_detach (int index, struct aclone_error *err)
+{
+  struct nbd_netlink n = { 0 };
+  int r = netlink_open (&n, err);
+
+  if (r == 0) {
+    struct nl_msg *m = nbd_request (&n, NBD_CMD_DISCONNECT);
+    if (m && nla_put_u32 (m, NBD_ATTR_INDEX, index) < 0) {
+      nlmsg_free (m);
+      m = NULL;
+    }
+    r = transact (&n, m, NULL, NULL);
+    if (r < 0)
+      aclone_error_set (err, -r, "/dev/nbd%d: disconnect", index);
+  }
   netlink_close (&n);
   return r;
 }

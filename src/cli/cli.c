@@ -8,7 +8,9 @@
  *   aclone pause META | aclone resume META
  *   aclone set META rate=SIZE depth=N floor=SIZE
  *   aclone verify [--json] META --source URI --dest PATH [--tls-...]
- *   aclone attach [--device /dev/nbdN] [--timeout S] [--reconnect S] URI
+ *   aclone attach [--device /dev/nbdN] [--timeout S] [--reconnect S]
+ *                 [--connections N] [--readonly] [--block-size B] URI
+ *   aclone attach --detach /dev/nbdN
  *
  * Exit status: 0 success, 1 runtime error, 2 usage error.
  *
@@ -60,9 +62,11 @@ static const char usage_text[] =
   "                              hydration rate limit in bytes/s (0 = none),\n"
   "                              copies in flight (0 = server default),\n"
   "                              progress floor in bytes/s (0 = default)\n"
-  "  attach [--device /dev/nbdN] [--timeout S] [--reconnect S] URI\n"
+  "  attach [--device /dev/nbdN] [--timeout S] [--reconnect S]\n"
+  "         [--connections N] [--readonly] [--block-size B] URI\n"
   "                              attach URI to a kernel NBD device and keep\n"
   "                              it attached across server restarts\n"
+  "  attach --detach /dev/nbdN   detach it\n"
   "  verify [--json] META --source URI --dest PATH\n"
   "         [--tls-certificates DIR] [--tls-psk FILE] [--no-tls-verify]\n"
   "                              compare every copied, never-written region\n"
@@ -300,7 +304,20 @@ cmd_set (int argc, char **argv)
   return control (argv[1], &ch);
 }
 
-/* "attach [--device /dev/nbdN] [--timeout S] [--reconnect S] URI". */
+/* N of "/dev/nbdN", or -1. */
+static int
+nbd_device_index (const char *path)
+{
+  int index;
+  char end;
+
+  return sscanf (path, "/dev/nbd%d%c", &index, &end) == 1 && index >= 0 ? index : -1;
+}
+
+/* "attach [--device /dev/nbdN] [--timeout S] [--reconnect S]
+ * [--connections N] [--readonly] [--block-size B] URI", or
+ * "attach --detach /dev/nbdN".
+ */
 static int
 cmd_attach (int argc, char **argv)
 {
@@ -308,17 +325,41 @@ cmd_attach (int argc, char **argv)
     { "device", required_argument, NULL, 'd' },
     { "timeout", required_argument, NULL, 't' },
     { "reconnect", required_argument, NULL, 'r' },
+    { "connections", required_argument, NULL, 'c' },
+    { "readonly", no_argument, NULL, 'R' },
+    { "block-size", required_argument, NULL, 'b' },
+    { "detach", required_argument, NULL, 'D' },
     { NULL, 0, NULL, 0 } };
   struct aclone_attach_config cfg = { .index = -1, .timeout_s = 60,
-                                      .reconnect_s = 120 };
+                                      .reconnect_s = 120, .connections = 1 };
   struct aclone_error err = { 0 };
-  int c;
+  int c, detach = -1;
 
   while ((c = getopt_long (argc, argv, "", opts, NULL)) != -1) {
     switch (c) {
     case 'd':
-      if (sscanf (optarg, "/dev/nbd%d", &cfg.index) != 1 || cfg.index < 0)
+      if ((cfg.index = nbd_device_index (optarg)) < 0)
         return usage ("attach: --device takes /dev/nbdN");
+      break;
+    case 'D':
+      if ((detach = nbd_device_index (optarg)) < 0)
+        return usage ("attach: --detach takes /dev/nbdN");
+      break;
+    case 'c':
+      if (parse_number ("--connections", optarg, ACLONE_ATTACH_MAX_CONNECTIONS,
+                        &cfg.connections) < 0)
+        return EXIT_USAGE;
+      if (cfg.connections == 0)
+        return usage ("attach: --connections is at least 1");
+      break;
+    case 'R':
+      cfg.readonly = true;
+      break;
+    case 'b':
+      if (parse_number ("--block-size", optarg, 4096, &cfg.block_size) < 0)
+        return EXIT_USAGE;
+      if (cfg.block_size < 512 || (cfg.block_size & (cfg.block_size - 1)))
+        return usage ("attach: --block-size is 512, 1024, 2048 or 4096");
       break;
     case 't':
       if (parse_number ("--timeout", optarg, 86400, &cfg.timeout_s) < 0)
@@ -330,6 +371,15 @@ cmd_attach (int argc, char **argv)
       break;
     default: return usage (NULL);
     }
+  }
+  if (detach >= 0) {
+    if (optind != argc)
+      return usage ("attach: --detach takes no URI");
+    if (aclone_attach_detach (detach, &err) < 0) {
+      fprintf (stderr, "aclone: %s\n", err.msg);
+      return EXIT_FAILURE;
+    }
+    return EXIT_SUCCESS;
   }
   if (optind != argc - 1)
     return usage ("attach: expected one NBD URI");

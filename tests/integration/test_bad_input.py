@@ -176,5 +176,36 @@ class BadInputTest(CloneTest):
         self.run_bad(self.std(source=None), self.meta)
 
 
+class AttachArgsTest(CloneTest):
+    """aclone attach refuses what the kernel could not take, before it
+    asks the kernel anything (this machine has no NBD driver: the VM test
+    attaches for real)."""
+
+    def attach(self, *args):
+        return subprocess.run([CLI, "attach"] + list(args), capture_output=True,
+                              text=True, timeout=60)
+
+    def test_usage_errors(self):
+        for args, says in ((["--block-size", "3000", "nbd://x"], "--block-size"),
+                           (["--block-size", "8192", "nbd://x"], "--block-size"),
+                           (["--connections", "0", "nbd://x"], "--connections"),
+                           (["--connections", "17", "nbd://x"], "--connections"),
+                           (["--device", "/dev/sda", "nbd://x"], "/dev/nbdN"),
+                           (["--detach", "/dev/nbd1x"], "/dev/nbdN"),
+                           (["--detach", "/dev/nbd1", "nbd://x"], "no URI")):
+            p = self.attach(*args)
+            self.assertEqual(p.returncode, 2, (args, p.stderr))
+            self.assertIn(says, p.stderr, args)
+
+    def test_connections_need_multi_conn(self):
+        src = self.server("nomc", ["--filter=multi-conn", "memory", "1M",
+                                   "multi-conn-mode=disable"])
+        p = self.attach("--connections", "4", src.uri)
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertIn("%s: the export does not advertise multi-conn" % src.uri,
+                      p.stderr)
+        self.assertEqual(len(p.stderr.strip().splitlines()), 1, p.stderr)
+
+
 if __name__ == "__main__":
     main()

@@ -113,6 +113,37 @@ kill -0 $apid 2>/dev/null
 say attach-exited $?
 cat /tmp/attach.log
 
+# 5b. aclone attach with 4 connections, read-only, 512-byte blocks: its
+# attributes, a write refused, a server restart under all four
+# connections (each one comes back, the data read is the same), then
+# aclone attach --detach.
+# Established connections to the host's port, from /proc/net/tcp
+# (10.0.2.2 is 0202000A there).
+conns() { grep -c "0202000A:$(printf %%04X %(port)d) 01 " /proc/net/tcp; }
+%(cli)s attach --device /dev/nbd6 --connections 4 --readonly --block-size 512 \
+    --timeout 20 --reconnect 60 nbd://10.0.2.2:%(port)d/vol > /tmp/attach6.log 2>&1 &
+mpid=$!
+sleep 2
+say multi-attached $(cat /sys/block/nbd6/ro) $(cat /sys/block/nbd6/queue/logical_block_size) $(conns)
+dd if=/dev/urandom of=/dev/nbd6 bs=4096 count=1 seek=100 oflag=direct 2>/dev/null
+say multi-write $?
+say multi-before $(dd if=/dev/nbd6 bs=1M skip=12 count=1 iflag=direct 2>/dev/null | sum)
+say restart-me 4
+# Until the kernel has seen the old server go (or 10 s).
+i=0
+while [ $(conns) -eq 4 ] && [ $i -lt 40 ]; do sleep 0.25; i=$((i+1)); done
+dd if=/dev/nbd6 of=/tmp/e bs=1M skip=12 count=1 iflag=direct 2>/dev/null
+r=$?
+i=0
+while [ $(conns) -lt 4 ] && [ $i -lt 60 ]; do sleep 0.5; i=$((i+1)); done
+say multi-read $r $(sum < /tmp/e) $(conns)
+%(cli)s attach --detach /dev/nbd6
+r=$?
+sleep 3
+kill -0 $mpid 2>/dev/null
+say multi-detached $r $? $(cat /sys/block/nbd6/size)
+cat /tmp/attach6.log
+
 # 6. qemu's NBD client: /dev/vda.
 say vda-src16 $(dd if=/dev/vda bs=1M count=16 2>/dev/null | sum)
 ext4_round /dev/vda vda
@@ -120,7 +151,7 @@ ext4_round /dev/vda vda
 # 7. qemu's NBD client with reconnect-delay (/dev/vdb): a server restart
 # under it, with reads and a flushed write on either side.
 a=$(dd if=/dev/vdb bs=1M skip=4 count=1 2>/dev/null | sum)
-say restart-me 4
+say restart-me 5
 sleep 6
 echo 3 > /proc/sys/vm/drop_caches
 dd if=/dev/vdb of=/tmp/b bs=1M skip=20 count=1 2>/dev/null
@@ -231,11 +262,28 @@ class VMTest(CloneTest):
             nbd_file = guest.wait_for("nbd-file", 180)[0]
             nbd_dev = guest.wait_for("nbd-dev", 180)[0]
             self.assertEqual(guest.wait_for("attach-exited", 30)[0], "1")  # gone
+            # Four connections, read-only, 512-byte blocks; a restart.
+            ro, lbs, conns = guest.wait_for("multi-attached", 60)
+            self.assertEqual((ro, lbs, conns), ("1", "512", "4"), guest.console())
+            self.assertNotEqual(guest.wait_for("multi-write", 30)[0], "0")
+            before = guest.wait_for("multi-before", 60)[0]
+            self.assertEqual(self.nth(guest, "restart-me", 4), "4")
+            a.stop()
+            self.servers.remove(a)
+            a = self.clone_a(src, port, hydrate_rate="2M")
+            rc, sha12, conns = guest.wait_for("multi-read", 120)
+            print("aclone attach --connections 4: read after the restart exits "
+                  "%s, %s connections" % (rc, conns))
+            self.assertEqual((rc, conns), ("0", "4"), guest.console())
+            self.assertEqual(sha12, before)
+            # --detach: the device is gone, and so is its aclone attach.
+            self.assertEqual(guest.wait_for("multi-detached", 60),
+                             ["0", "1", "0"], guest.console())
             self.assertEqual(guest.wait_for("vda-src16", 120)[0], h256(source[:16 * MiB]))
             vda_file = guest.wait_for("vda-file", 180)[0]
             vda_dev = guest.wait_for("vda-dev", 180)[0]
             # qemu with reconnect-delay rides out a server restart.
-            self.assertEqual(self.nth(guest, "restart-me", 4), "4")
+            self.assertEqual(self.nth(guest, "restart-me", 5), "5")
             cc.stop()
             self.servers.remove(cc)
             cc = self.clone(src, name="cloneC", dest=dest_c, meta=meta_c,
@@ -247,7 +295,7 @@ class VMTest(CloneTest):
             self.assertEqual(sha20, h256(source[20 * MiB:21 * MiB]))
             guest.wait_for("end", 60)
             guest.wait_exit(30)
-            print("\n".join(l for l in guest.lines if "/dev/nbd5" in l))
+            print("\n".join(l for l in guest.lines if "/dev/nbd5" in l or "/dev/nbd6" in l))
             for key in ("attach-failed", "fs-failed", "insmod-failed"):
                 self.assertIsNone(guest.result(key), guest.console())
         except BaseException:
