@@ -282,13 +282,35 @@ open_sockets (const struct aclone_attach_config *cfg, unsigned n, int *fds,
   return (int) n;
 }
 
-/* Step 1: connect to the export, then open netlink (n) and give the
+/* The socket that hears the nbd family's multicast events.  Events come
+ * unasked: no sequence numbers to match.  A large buffer, so that the
+ * deaths of many connections at once are not dropped (if some are all
+ * the same, wait_link_dead sees the overflow).  NULL on failure.
+ */
+static struct nl_sock *
+events_open (const struct nbd_netlink *n)
+{
+  struct nl_sock *events = nl_socket_alloc ();
+
+  if (!events || genl_connect (events) < 0 ||
+      (nl_socket_disable_seq_check (events),
+       nl_socket_add_membership (events, n->group) < 0)) {
+    nl_socket_free (events);
+    return NULL;
+  }
+  nl_socket_set_buffer_size (events, 1 << 20, 0);
+  return events;
+}
+
+/* Step 1: connect to the export, then open netlink (n, and *events
+ * before the device exists, so that no death goes unheard) and give the
  * kernel the sockets (NBD_CMD_CONNECT): what is wrong with the export is
  * said first, whatever the kernel lacks.  *index receives the device's
  * number, *size the export's.
  */
 static int
-attach_connect (struct nbd_netlink *n, const struct aclone_attach_config *cfg,
+attach_connect (struct nbd_netlink *n, struct nl_sock **events,
+                const struct aclone_attach_config *cfg,
                 int *index, uint64_t *size, struct aclone_error *err)
 {
   unsigned nconn = cfg->connections ? cfg->connections : 1;
@@ -301,7 +323,9 @@ attach_connect (struct nbd_netlink *n, const struct aclone_attach_config *cfg,
   int r = open_sockets (cfg, nconn, fds, size, &flags, err);
   if (r < 0)
     return r;
-  if ((r = netlink_open (n, err)) < 0) {
+  if ((r = netlink_open (n, err)) < 0 ||
+      (!(*events = events_open (n)) &&
+       (r = aclone_error_set (err, EIO, "netlink: nbd multicast group")) < 0)) {
     for (unsigned i = 0; i < nconn; i++)
       close (fds[i]);
     return r;
@@ -353,10 +377,13 @@ on_event (struct nl_msg *msg, void *arg)
 }
 
 /* Step 2: wait until the kernel says connections of ours died (how
- * many), or the device was detached or we are asked to stop (0).
+ * many), or the device was detached or we are asked to stop (0).  When
+ * events were lost (the socket's buffer overflowed), any of our nconn
+ * may be dead: all of them are counted, and a reconnect that finds none
+ * dead costs only a connection (the kernel takes no socket then).
  */
 static unsigned
-wait_link_dead (struct nl_sock *events, int index)
+wait_link_dead (struct nl_sock *events, int index, unsigned nconn)
 {
   struct link_watch w = { index, 0 };
   char pidfile[64];
@@ -375,10 +402,26 @@ wait_link_dead (struct nl_sock *events, int index)
       }
       continue;
     }
-    nl_recvmsgs_default (events);
+    if (nl_recvmsgs_default (events) < 0) {
+      fprintf (stderr, "aclone: /dev/nbd%d: netlink events lost, "
+               "reconnecting every connection\n", index);
+      w.dead += nconn;
+    }
   }
   return w.dead;
 }
+
+/* Backoff between reconnects, across deaths: a server that accepts and
+ * then drops connections (or a request timeout that keeps killing them)
+ * must not make us loop.  Each connection may come back once at once
+ * (a restart kills them all); beyond that, within STABLE_NS of the last
+ * reconnect, each waits the backoff first.
+ */
+struct reconnect_pace {
+  unsigned long long backoff, last_ok_ns;
+  unsigned quick;             /* reconnects since the last stable stretch */
+};
+#define STABLE_NS 10000000000ull
 
 /* Step 3: reconnect with backoff and hand the kernel the new socket
  * (NBD_CMD_RECONFIGURE).  0 reconnected, 1 nothing left to do (stopped,
@@ -386,10 +429,20 @@ wait_link_dead (struct nl_sock *events, int index)
  */
 static int
 reconnect (const struct nbd_netlink *n, const struct aclone_attach_config *cfg,
-           int index, uint64_t size, struct aclone_error *err)
+           int index, uint64_t size, struct reconnect_pace *pace,
+           struct aclone_error *err)
 {
-  unsigned long long backoff = 0;
+  unsigned nconn = cfg->connections ? cfg->connections : 1;
 
+  if (!pace->last_ok_ns || aclone_now_ns () - pace->last_ok_ns >= STABLE_NS) {
+    pace->backoff = 0;
+    pace->quick = 0;
+  }
+  unsigned long long backoff = pace->backoff;
+  if (pace->quick >= nconn) {
+    backoff = aclone_backoff_next (backoff, 100000000ull, 2000000000ull);
+    nap_ms (backoff / 1000000);
+  }
   fprintf (stderr, "aclone: /dev/nbd%d: connection lost, reconnecting to %s\n",
            index, cfg->uri);
   while (!stop_requested) {
@@ -413,7 +466,13 @@ reconnect (const struct nbd_netlink *n, const struct aclone_attach_config *cfg,
       nlmsg_free (m);
       close (fd);
       if (rr == 0) {
+        /* (Also when no connection was dead after all: then the kernel
+         * dropped the socket.)
+         */
         fprintf (stderr, "aclone: /dev/nbd%d: reconnected\n", index);
+        pace->backoff = backoff;
+        pace->last_ok_ns = aclone_now_ns ();
+        pace->quick++;
         return 0;
       }
       if (rr == -ENOENT || rr == -EINVAL) {
@@ -436,30 +495,24 @@ aclone_attach (const struct aclone_attach_config *cfg, struct aclone_error *err)
   uint64_t size;
   int r, index;
 
-  r = attach_connect (&n, cfg, &index, &size, err);
+  struct reconnect_pace pace = { 0, 0, 0 };
+  unsigned nconn = cfg->connections ? cfg->connections : 1;
+
+  r = attach_connect (&n, &events, cfg, &index, &size, err);
   if (r < 0)
     goto out;
   printf ("/dev/nbd%d: attached to %s (%llu bytes)\n", index, cfg->uri,
           (unsigned long long) size);
   fflush (stdout);
-
-  /* Events come unasked: no sequence numbers to match. */
-  events = nl_socket_alloc ();
-  if (!events || genl_connect (events) < 0 ||
-      (nl_socket_disable_seq_check (events),
-       nl_socket_add_membership (events, n.group) < 0)) {
-    r = aclone_error_set (err, EIO, "netlink: nbd multicast group");
-    goto out;
-  }
   struct sigaction sa = { .sa_handler = on_stop };
   sigaction (SIGTERM, &sa, NULL);
   sigaction (SIGINT, &sa, NULL);
   /* The kernel puts a new socket in place of a dead one, any one
    * (and takes none when none is dead): one reconnect per death.
    */
-  for (unsigned dead; r == 0 && (dead = wait_link_dead (events, index)) > 0; )
+  for (unsigned dead; r == 0 && (dead = wait_link_dead (events, index, nconn)) > 0; )
     while (r == 0 && dead-- > 0)
-      r = reconnect (&n, cfg, index, size, err);
+      r = reconnect (&n, cfg, index, size, &pace, err);
   if (r > 0)
     r = 0;
  out:
@@ -472,6 +525,12 @@ int
 aclone_attach_detach (int index, struct aclone_error *err)
 {
   struct nbd_netlink n = { 0 };
+  char pidfile[64];
+
+  /* The kernel answers a disconnect of an idle device with success. */
+  snprintf (pidfile, sizeof pidfile, "/sys/block/nbd%d/pid", index);
+  if (access (pidfile, F_OK) < 0)
+    return aclone_error_set (err, 0, "/dev/nbd%d: not attached", index);
   int r = netlink_open (&n, err);
 
   if (r == 0) {

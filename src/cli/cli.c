@@ -304,14 +304,19 @@ cmd_set (int argc, char **argv)
   return control (argv[1], &ch);
 }
 
-/* N of "/dev/nbdN", or -1. */
+/* N of "/dev/nbdN" (digits only, below 2^20), or -1. */
 static int
 nbd_device_index (const char *path)
 {
-  int index;
-  char end;
+  const char *d = path + strlen ("/dev/nbd");
+  char *end;
 
-  return sscanf (path, "/dev/nbd%d%c", &index, &end) == 1 && index >= 0 ? index : -1;
+  if (strncmp (path, "/dev/nbd", strlen ("/dev/nbd")) != 0 ||
+      *d < '0' || *d > '9')
+    return -1;
+  errno = 0;
+  unsigned long index = strtoul (d, &end, 10);
+  return *end || errno || index >= (1ul << 20) ? -1 : (int) index;
 }
 
 /* "attach [--device /dev/nbdN] [--timeout S] [--reconnect S]

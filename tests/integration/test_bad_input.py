@@ -192,10 +192,17 @@ class AttachArgsTest(CloneTest):
                            (["--connections", "17", "nbd://x"], "--connections"),
                            (["--device", "/dev/sda", "nbd://x"], "/dev/nbdN"),
                            (["--detach", "/dev/nbd1x"], "/dev/nbdN"),
+                           (["--detach", "/dev/nbd+1"], "/dev/nbdN"),
+                           (["--detach", "/dev/nbd99999999999"], "/dev/nbdN"),
                            (["--detach", "/dev/nbd1", "nbd://x"], "no URI")):
             p = self.attach(*args)
             self.assertEqual(p.returncode, 2, (args, p.stderr))
             self.assertIn(says, p.stderr, args)
+
+    def test_detach_what_is_not_attached(self):
+        p = self.attach("--detach", "/dev/nbd1023")
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertIn("/dev/nbd1023: not attached", p.stderr)
 
     def test_connections_need_multi_conn(self):
         src = self.server("nomc", ["--filter=multi-conn", "memory", "1M",

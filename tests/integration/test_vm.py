@@ -123,7 +123,8 @@ conns() { grep -c "0202000A:$(printf %%04X %(port)d) 01 " /proc/net/tcp; }
 %(cli)s attach --device /dev/nbd6 --connections 4 --readonly --block-size 512 \
     --timeout 20 --reconnect 60 nbd://10.0.2.2:%(port)d/vol > /tmp/attach6.log 2>&1 &
 mpid=$!
-sleep 2
+i=0
+while [ $(conns) -lt 4 ] && [ $i -lt 80 ]; do sleep 0.25; i=$((i+1)); done
 say multi-attached $(cat /sys/block/nbd6/ro) $(cat /sys/block/nbd6/queue/logical_block_size) $(conns)
 dd if=/dev/urandom of=/dev/nbd6 bs=4096 count=1 seek=100 oflag=direct 2>/dev/null
 say multi-write $?
