@@ -75,10 +75,10 @@ dd if=/dev/nbd1 of=/tmp/b bs=1M skip=56 count=1 2>/dev/null
 say reattach-read $r1$? $(sum < /tmp/a) $(sum < /tmp/b)
 /usr/sbin/nbd-client -d /dev/nbd1 >/dev/null 2>&1
 
-# 4. `aclone attach`: the kernel client through netlink, reconnecting.  A
-# flushed write, a server restart, then reads right away: they wait for
-# the new connection instead of failing.
-%(cli)s attach --device /dev/nbd5 --timeout 20 --reconnect 60 \
+# 4. `aclone attach`: the kernel client through netlink, reconnecting,
+# with 4 connections.  A flushed write, a server restart, then reads
+# right away: they wait for the new connections instead of failing.
+%(cli)s attach --device /dev/nbd5 --connections 4 --timeout 20 --reconnect 60 \
     nbd://10.0.2.2:%(port)d/vol > /tmp/attach.log 2>&1 &
 apid=$!
 sleep 2
