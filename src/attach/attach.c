@@ -232,6 +232,24 @@ on_stop (int sig)
   stop_requested = 1;
 }
 
+static unsigned
+connection_count (const struct aclone_attach_config *cfg)
+{
+  return cfg->connections ? cfg->connections : 1;
+}
+
+/* Is /dev/nbd<index> configured?  Its pid file goes with the
+ * configuration (also when a user's nbd-client -d sent no event).
+ */
+static bool
+device_attached (int index)
+{
+  char pidfile[64];
+
+  snprintf (pidfile, sizeof pidfile, "/sys/block/nbd%d/pid", index);
+  return access (pidfile, F_OK) == 0 || errno != ENOENT;
+}
+
 static void
 nap_ms (unsigned ms)
 {
@@ -243,7 +261,7 @@ nap_ms (unsigned ms)
  * flags, the others must agree on the size.  Several need the export's
  * multi-conn: without it the server does not promise that a FLUSH on one
  * connection covers writes completed on another, which the kernel
- * assumes.  Returns n with fds[] filled, or -errno with err set.
+ * assumes.  Returns 0 with fds[] filled, or -errno with err set.
  */
 static int
 open_sockets (const struct aclone_attach_config *cfg, unsigned n, int *fds,
@@ -273,13 +291,10 @@ open_sockets (const struct aclone_attach_config *cfg, unsigned n, int *fds,
       break;
     }
   }
-  if (r < 0) {
+  if (r < 0)
     while (i-- > 0)
-      if (fds[i] >= 0)
-        close (fds[i]);
-    return r;
-  }
-  return (int) n;
+      close (fds[i]);
+  return r;
 }
 
 /* The socket that hears the nbd family's multicast events.  Events come
@@ -313,7 +328,7 @@ attach_connect (struct nbd_netlink *n, struct nl_sock **events,
                 const struct aclone_attach_config *cfg,
                 int *index, uint64_t *size, struct aclone_error *err)
 {
-  unsigned nconn = cfg->connections ? cfg->connections : 1;
+  unsigned nconn = connection_count (cfg);
   int fds[ACLONE_ATTACH_MAX_CONNECTIONS];
   uint64_t flags;
 
@@ -323,9 +338,10 @@ attach_connect (struct nbd_netlink *n, struct nl_sock **events,
   int r = open_sockets (cfg, nconn, fds, size, &flags, err);
   if (r < 0)
     return r;
-  if ((r = netlink_open (n, err)) < 0 ||
-      (!(*events = events_open (n)) &&
-       (r = aclone_error_set (err, EIO, "netlink: nbd multicast group")) < 0)) {
+  r = netlink_open (n, err);
+  if (r == 0 && !(*events = events_open (n)))
+    r = aclone_error_set (err, EIO, "netlink: nbd multicast group");
+  if (r < 0) {
     for (unsigned i = 0; i < nconn; i++)
       close (fds[i]);
     return r;
@@ -386,17 +402,13 @@ static unsigned
 wait_link_dead (struct nl_sock *events, int index, unsigned nconn)
 {
   struct link_watch w = { index, 0 };
-  char pidfile[64];
 
-  snprintf (pidfile, sizeof pidfile, "/sys/block/nbd%d/pid", index);
   nl_socket_modify_cb (events, NL_CB_VALID, NL_CB_CUSTOM, on_event, &w);
   while (!stop_requested && !w.dead) {
     struct pollfd p = { .fd = nl_socket_get_fd (events), .events = POLLIN };
     if (poll (&p, 1, 1000) <= 0) {
-      /* A user's disconnect (nbd-client -d) sends no event, but the
-       * device's pid file goes away with its configuration.
-       */
-      if (access (pidfile, F_OK) < 0 && errno == ENOENT) {
+      /* A user's disconnect (nbd-client -d) sends no event. */
+      if (!device_attached (index)) {
         fprintf (stderr, "aclone: /dev/nbd%d: detached\n", index);
         return 0;
       }
@@ -432,7 +444,7 @@ reconnect (const struct nbd_netlink *n, const struct aclone_attach_config *cfg,
            int index, uint64_t size, struct reconnect_pace *pace,
            struct aclone_error *err)
 {
-  unsigned nconn = cfg->connections ? cfg->connections : 1;
+  unsigned nconn = connection_count (cfg);
 
   if (!pace->last_ok_ns || aclone_now_ns () - pace->last_ok_ns >= STABLE_NS) {
     pace->backoff = 0;
@@ -496,7 +508,7 @@ aclone_attach (const struct aclone_attach_config *cfg, struct aclone_error *err)
   int r, index;
 
   struct reconnect_pace pace = { 0, 0, 0 };
-  unsigned nconn = cfg->connections ? cfg->connections : 1;
+  unsigned nconn = connection_count (cfg);
 
   r = attach_connect (&n, &events, cfg, &index, &size, err);
   if (r < 0)
@@ -525,11 +537,9 @@ int
 aclone_attach_detach (int index, struct aclone_error *err)
 {
   struct nbd_netlink n = { 0 };
-  char pidfile[64];
 
   /* The kernel answers a disconnect of an idle device with success. */
-  snprintf (pidfile, sizeof pidfile, "/sys/block/nbd%d/pid", index);
-  if (access (pidfile, F_OK) < 0)
+  if (!device_attached (index))
     return aclone_error_set (err, 0, "/dev/nbd%d: not attached", index);
   int r = netlink_open (&n, err);
 

@@ -301,6 +301,16 @@ succeeded (struct worker *h)
   atomic_store (&h->c->backing_off, false);
 }
 
+/* Are clients being served (a request in the last CLIENTS_IDLE_NS) and
+ * the progress floor not holding us up?  Then the copy yields: idle
+ * priority, writes in pieces.
+ */
+static bool
+yielding_to_clients (struct worker *h)
+{
+  return clients_active (h, CLIENTS_IDLE_NS) && !atomic_load (&h->hy->floor_boost);
+}
+
 static bool
 all_hydrated (struct worker *h)
 {
@@ -326,9 +336,7 @@ follow_priority (struct worker *h)
     h->boost_gen = gen;
     h->idle = false;
   }
-  bool idle = clients_active (h, CLIENTS_IDLE_NS) &&
-              !atomic_load (&h->hy->floor_boost) &&
-              aclone_clone_copies_may_idle (c);
+  bool idle = yielding_to_clients (h) && aclone_clone_copies_may_idle (c);
   if (idle == h->idle || aclone_prio_apply (h->tid, idle) < 0)
     return;
   h->idle = idle;
@@ -870,8 +878,7 @@ issue_write (struct worker *h, unsigned idx)
    * client cuts and idle priority are.
    */
   size_t len = b->len - b->done;
-  if (len > WRITE_PIECE_SERVED && clients_active (h, CLIENTS_IDLE_NS) &&
-      !atomic_load (&h->hy->floor_boost)) {
+  if (len > WRITE_PIECE_SERVED && yielding_to_clients (h)) {
     len = WRITE_PIECE_SERVED;
     atomic_fetch_add_explicit (&h->c->copy_write_cuts, 1, memory_order_relaxed);
   }
