@@ -7,6 +7,7 @@
 #ifndef ACLONE_CLONE_H
 #define ACLONE_CLONE_H
 
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -102,6 +103,35 @@ void aclone_clone_close (struct aclone_clone *c);
 
 int aclone_clone_pread (struct aclone_clone *c, void *buf, uint32_t count,
                         uint64_t offset);
+
+/* One client connection, as the hydrator's pace controller sees it
+ * (aclone-design(7), FOREGROUND FIRST): the plugin keeps one per NBD
+ * connection, zeroed at open, and brackets every request it serves with
+ * aclone_client_enter and aclone_client_leave.
+ */
+struct aclone_client {
+  atomic_uint busy;                  /* requests in progress */
+  atomic_uint_fast64_t last_end_ns;  /* when the last one ended, 0 never */
+};
+
+/* A request begins.  Returns when the connection's previous request
+ * ended, if none has been in progress since and it ended at most
+ * ACLONE_CLIENT_CYCLE_MAX_NS ago (a client issuing one request after
+ * another); else 0.
+ */
+#define ACLONE_CLIENT_CYCLE_MAX_NS 5000000ull
+uint64_t aclone_client_enter (struct aclone_client *cl);
+void aclone_client_leave (struct aclone_client *cl);
+
+/* aclone_clone_pread, for a client: since is what aclone_client_enter
+ * returned.  When it is not 0, the read is at most ACLONE_SVC_MAX_READ
+ * bytes and served wholly from dest, the time from since to the end of
+ * the read (the client's whole turn: our reply, its next request, our
+ * service) is a sample for the pace controller.
+ */
+int aclone_clone_pread_client (struct aclone_clone *c, void *buf,
+                               uint32_t count, uint64_t offset,
+                               uint64_t since);
 int aclone_clone_pwrite (struct aclone_clone *c, const void *buf,
                          uint32_t count, uint64_t offset, bool fua);
 

@@ -131,7 +131,13 @@ struct aclone_live {
                                * (0 = default, a tenth of the best rate) */
   uint64_t fg_lock_boosts;    /* clients that, about to wait for a region
                                * lock, lifted idle copy threads, this run */
-  uint64_t reserved[11];
+  /* The pace controller (while clients are served; this run). */
+  uint64_t fg_pace;           /* bytes/s hydration may copy now, 0 = no pace */
+  uint64_t fg_pace_probes;    /* probes that compared clients' reads */
+  uint64_t fg_pace_cuts;      /* ...and found the copy cost them */
+  uint64_t fg_svc_quiet_ns;   /* last probe: median client read, quiet */
+  uint64_t fg_svc_copy_ns;    /* ...and while copying */
+  uint64_t reserved[6];
   char     last_error[256];
   /* Control: written by "aclone pause|resume|set", polled by the server. */
   uint64_t ctl_pause;         /* 1 = paused */

@@ -573,17 +573,38 @@ aclone_cleanup (void)
   }
 }
 
+/* A connection: the clone, and what the pace controller learns from
+ * this client's turns (aclone_client_enter).
+ */
+struct conn {
+  struct aclone_clone *c;
+  struct aclone_client cl;
+};
+
 static void *
 aclone_open (int readonly)
 {
   (void) readonly;
-  return the_clone;
+  struct conn *h = calloc (1, sizeof *h);
+
+  if (!h) {
+    nbdkit_error ("calloc: %m");
+    return NULL;
+  }
+  h->c = the_clone;
+  return h;
+}
+
+static void
+aclone_close (void *h)
+{
+  free (h);
 }
 
 static int64_t
 aclone_get_size (void *h)
 {
-  return aclone_clone_size (h);
+  return aclone_clone_size (((struct conn *) h)->c);
 }
 
 static int aclone_can_true (void *h) { (void) h; return 1; }
@@ -601,49 +622,63 @@ ret (int r)
   return 0;
 }
 
+/* Run a request as connection h's: conn_ is the connection, c_ its
+ * clone, since_ what aclone_client_enter returned.
+ */
+#define REQUEST(h, call) ({                                      \
+      struct conn *conn_ = (h);                                  \
+      struct aclone_clone *c_ = conn_->c;                        \
+      uint64_t since_ = aclone_client_enter (&conn_->cl);        \
+      (void) since_;                    /* reads use it */          \
+      int r_ = (call);                                           \
+      aclone_client_leave (&conn_->cl);                          \
+      ret (r_);                                                  \
+    })
+
 static int
 aclone_pread (void *h, void *buf, uint32_t count, uint64_t offset,
               uint32_t flags)
 {
   (void) flags;
-  return ret (aclone_clone_pread (h, buf, count, offset));
+  return REQUEST (h, aclone_clone_pread_client (c_, buf, count, offset, since_));
 }
 
 static int
 aclone_pwrite (void *h, const void *buf, uint32_t count, uint64_t offset,
                uint32_t flags)
 {
-  return ret (aclone_clone_pwrite (h, buf, count, offset,
-                                   flags & NBDKIT_FLAG_FUA));
+  return REQUEST (h, aclone_clone_pwrite (c_, buf, count, offset,
+                                         flags & NBDKIT_FLAG_FUA));
 }
 
 static int
 aclone_flush (void *h, uint32_t flags)
 {
   (void) flags;
-  return ret (aclone_clone_flush (h));
+  return REQUEST (h, aclone_clone_flush (c_));
 }
 
 static int
 aclone_trim (void *h, uint32_t count, uint64_t offset, uint32_t flags)
 {
-  return ret (aclone_clone_zero (h, count, offset, true, false,
-                                 flags & NBDKIT_FLAG_FUA));
+  return REQUEST (h, aclone_clone_zero (c_, count, offset, true, false,
+                                       flags & NBDKIT_FLAG_FUA));
 }
 
 static int
 aclone_zero (void *h, uint32_t count, uint64_t offset, uint32_t flags)
 {
-  return ret (aclone_clone_zero (h, count, offset, flags & NBDKIT_FLAG_MAY_TRIM,
-                                 flags & NBDKIT_FLAG_FAST_ZERO,
-                                 flags & NBDKIT_FLAG_FUA));
+  return REQUEST (h, aclone_clone_zero (c_, count, offset,
+                                       flags & NBDKIT_FLAG_MAY_TRIM,
+                                       flags & NBDKIT_FLAG_FAST_ZERO,
+                                       flags & NBDKIT_FLAG_FUA));
 }
 
 static int
 aclone_cache (void *h, uint32_t count, uint64_t offset, uint32_t flags)
 {
   (void) flags;
-  return ret (aclone_clone_cache (h, count, offset));
+  return REQUEST (h, aclone_clone_cache (c_, count, offset));
 }
 
 static int
@@ -656,9 +691,9 @@ static int
 aclone_extents (void *h, uint32_t count, uint64_t offset, uint32_t flags,
                 struct nbdkit_extents *extents)
 {
-  return ret (aclone_clone_extents (h, count, offset,
-                                    flags & NBDKIT_FLAG_REQ_ONE,
-                                    add_extent, extents));
+  return REQUEST (h, aclone_clone_extents (c_, count, offset,
+                                          flags & NBDKIT_FLAG_REQ_ONE,
+                                          add_extent, extents));
 }
 
 static struct nbdkit_plugin plugin = {
@@ -676,6 +711,7 @@ static struct nbdkit_plugin plugin = {
   .after_fork        = aclone_after_fork,
   .cleanup           = aclone_cleanup,
   .open              = aclone_open,
+  .close             = aclone_close,
   .get_size          = aclone_get_size,
   .can_write         = aclone_can_true,
   .can_flush         = aclone_can_true,

@@ -52,6 +52,7 @@ struct status {
   uint64_t window, base_ns, cur_ns, client_cuts, cor_behind, cor_pending;
   uint64_t lock_boosts;
   uint64_t floor;
+  uint64_t pace, pace_probes, pace_cuts, svc_quiet_ns, svc_copy_ns;
   const char *why;
   bool idle;
 };

@@ -91,6 +91,11 @@ read_status (const char *path, const struct aclone_meta *m, struct status *s)
       s->cor_behind = live_u64 (&l->cor_behind);
       s->cor_pending = live_u64 (&l->cor_pending);
       s->floor = live_u64 (&l->ctl_floor);
+      s->pace = live_u64 (&l->fg_pace);
+      s->pace_probes = live_u64 (&l->fg_pace_probes);
+      s->pace_cuts = live_u64 (&l->fg_pace_cuts);
+      s->svc_quiet_ns = live_u64 (&l->fg_svc_quiet_ns);
+      s->svc_copy_ns = live_u64 (&l->fg_svc_copy_ns);
     }
     s->updated = live_u64 (&l->heartbeat_ns) / 1e9;
     s->bytes_copied = live_u64 (&l->bytes_copied);
@@ -221,6 +226,11 @@ status_json (const struct status *s)
     json_add_u64 (f, "floor", s->floor);
     json_add_u64 (f, "cor_behind", s->cor_behind);
     json_add_u64 (f, "cor_pending", s->cor_pending);
+    json_add_u64 (f, "pace", s->pace);
+    json_add_u64 (f, "pace_probes", s->pace_probes);
+    json_add_u64 (f, "pace_cuts", s->pace_cuts);
+    json_add_double (f, "client_read_quiet_ms", s->svc_quiet_ns / 1e6, "%.4f");
+    json_add_double (f, "client_read_copying_ms", s->svc_copy_ns / 1e6, "%.4f");
     json_object_object_add (o, "foreground", f);
   }
   return o;
@@ -258,6 +268,16 @@ print_status (const struct status *s)
               human (s->window, b5, sizeof b5), s->why);
       printf ("source delay:  %.1f ms now, %.1f ms base\n", s->cur_ns / 1e6,
               s->base_ns / 1e6);
+    }
+    if (s->pace_probes) {
+      char b6[32];
+      if (s->pace)
+        printf ("pace:          %s/s while clients are served\n",
+                human (s->pace, b6, sizeof b6));
+      printf ("client reads:  %.3f ms copying, %.3f ms quiet (median; "
+              "%llu probes, %llu cuts)\n", s->svc_copy_ns / 1e6,
+              s->svc_quiet_ns / 1e6, (unsigned long long) s->pace_probes,
+              (unsigned long long) s->pace_cuts);
     }
   }
   printf ("errors:        %llu\n", (unsigned long long) s->errors);

@@ -16,6 +16,7 @@
 #include "aclone/clone.h"
 #include "aclone/hydrator.h"
 #include "aclone/map.h"
+#include "fgpace.h"
 
 struct aclone_clone {
   /* Set at open, then read-only. */
@@ -66,6 +67,10 @@ struct aclone_clone {
   atomic_uint_fast64_t fg_last_ns; /* when the last client request began */
   atomic_uint_fast64_t copy_write_cuts; /* copy writes cut into pieces while
                                          * clients were served (hydrator.c) */
+  /* Service times of client reads served wholly from dest (fgpace.h):
+   * written by clone_pread, read by the hydrator's pace controller.
+   */
+  struct aclone_svc_hist svc;
   atomic_bool backing_off;       /* hydrator waiting after failures */
   /* After a copy-on-read's dest write failed: no copy-on-read before
    * this time (aclone_now_ns), reads go to the source alone.

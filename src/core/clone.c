@@ -462,9 +462,10 @@ failed_pread (struct aclone_clone *c, char *buf, uint32_t count,
   return ret;
 }
 
+/* since: as for aclone_clone_pread_client (0: no sample). */
 static int
 clone_pread (struct aclone_clone *c, void *buf, uint32_t count,
-             uint64_t offset)
+             uint64_t offset, uint64_t since)
 {
   uint64_t pos = offset, end = offset + count;
   enum aclone_mode mode = aclone_clone_mode (c);
@@ -478,6 +479,7 @@ clone_pread (struct aclone_clone *c, void *buf, uint32_t count,
   uint64_t retry = atomic_load (&c->cor_retry_ns);
   bool copy = c->copy_on_read && (retry == 0 || aclone_now_ns () >= retry);
   int ret = 0;
+  bool all_local = true;         /* every byte from dest: a sample */
   atomic_fetch_add (&c->fg_active, 1);
   atomic_store_explicit (&c->fg_last_ns, aclone_now_ns (), memory_order_relaxed);
   while (pos < end && ret == 0) {
@@ -512,6 +514,7 @@ clone_pread (struct aclone_clone *c, void *buf, uint32_t count,
                             (unsigned long long) pos, strerror (-ret));
     }
     else {
+      all_local = false;
       if (locked) {
         ret = cor_behind (c, r, n, p, pos, seg_end - pos);
         if (ret == 0)
@@ -533,6 +536,9 @@ clone_pread (struct aclone_clone *c, void *buf, uint32_t count,
     }
     pos = seg_end;
   }
+  /* What the pace controller asks the clients (fgpace.h). */
+  if (since && all_local && ret == 0 && count <= ACLONE_SVC_MAX_READ)
+    aclone_svc_record (&c->svc, aclone_now_ns () - since);
   atomic_fetch_sub (&c->fg_active, 1);
   return ret;
 }
@@ -1018,7 +1024,36 @@ int
 aclone_clone_pread (struct aclone_clone *c, void *buf, uint32_t count,
                     uint64_t offset)
 {
-  return GATED (c, clone_pread (c, buf, count, offset));
+  return GATED (c, clone_pread (c, buf, count, offset, 0));
+}
+
+int
+aclone_clone_pread_client (struct aclone_clone *c, void *buf, uint32_t count,
+                           uint64_t offset, uint64_t since)
+{
+  return GATED (c, clone_pread (c, buf, count, offset, since));
+}
+
+uint64_t
+aclone_client_enter (struct aclone_client *cl)
+{
+  /* Count in first: a request that ends after this sees busy != 0 at
+   * its next enter, and last_end_ns is then the one before us.
+   */
+  if (atomic_fetch_add (&cl->busy, 1) != 0)
+    return 0;
+  uint64_t last = atomic_load (&cl->last_end_ns);
+  uint64_t now = aclone_now_ns ();
+  if (last == 0 || last > now || now - last > ACLONE_CLIENT_CYCLE_MAX_NS)
+    return 0;
+  return last;
+}
+
+void
+aclone_client_leave (struct aclone_client *cl)
+{
+  atomic_store (&cl->last_end_ns, aclone_now_ns ());
+  atomic_fetch_sub (&cl->busy, 1);
 }
 
 int

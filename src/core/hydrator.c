@@ -65,6 +65,7 @@
 #include "aclone/hydrator.h"
 #include "clone-internal.h"
 #include "fgctl.h"
+#include "fgpace.h"
 #include "prio.h"
 #include "aclone/clock.h"
 
@@ -128,10 +129,6 @@ struct worker {
   uint64_t cursor;            /* next region of the sweep */
   uint64_t near, near_left;   /* locality: where and how many batches */
 
-  /* rate limiting */
-  uint64_t rate;
-  double tokens;
-  unsigned long long tok_time;
 
   /* backoff after failures */
   unsigned long long backoff_ns, resume_at;
@@ -171,6 +168,24 @@ struct aclone_hydrator {
   atomic_bool floor_boost;    /* below the floor: no idle priority */
   uint64_t smooth_rate;       /* owned by worker 0: copy rate, smoothed */
   uint64_t best_rate;         /* ...and the best smooth_rate seen */
+
+  /* The pace controller (fgpace.h): owned by worker 0, which publishes
+   * its decision to the others in pace_quiet and pace_rate.
+   */
+  struct aclone_fgpace pace;
+  atomic_bool pace_quiet;     /* a probe: no new batch */
+  atomic_uint_fast64_t floor; /* the progress floor now, bytes/s (worker 0) */
+  atomic_uint_fast64_t pace_rate;  /* bytes/s while served, 0 none */
+  atomic_uint batches;        /* batches in flight, every worker */
+
+  /* The rate limit's token bucket, one for all workers (a share each
+   * would let a worker the window shut out come back with credit for
+   * the time it was out): protected by rate_lock.
+   */
+  pthread_mutex_t rate_lock;
+  uint64_t rate;              /* bytes/s, 0: none */
+  double tokens;
+  unsigned long long tok_time;
   struct worker w[];
 };
 
@@ -251,38 +266,55 @@ depth_limit (struct worker *h)
   return w / hy->n + (h->id < w % hy->n);
 }
 
-/* Token bucket with debt: a batch may start while the bucket is not
- * empty, and is then charged its length (rate_charge), so the long-run
- * rate is exact whatever the batch sizes.  The bucket holds at most one
- * second's worth.
+/* Token bucket with debt, shared by the workers: a batch may start
+ * while the bucket is not empty, and is then charged its length
+ * (rate_charge), so the long-run rate is exact whatever the batch sizes.
+ * The bucket holds at most one second's worth.  The limit is the
+ * operator's (hydrate-rate, `aclone set`) or the pace while clients are
+ * served (fgpace.h), whichever is lower.
  */
 static bool
 rate_allows (struct worker *h)
 {
+  struct aclone_hydrator *hy = h->hy;
   uint64_t rate = CTL (h, ctl_rate);
+  uint64_t pace = atomic_load (&hy->pace_rate);
   unsigned long long now = aclone_now_ns ();
+  bool ok = true;
 
-  if (rate)
-    rate = MAX (rate / h->hy->n, 1u);    /* this worker's share */
-  if (rate != h->rate) {             /* changed: start afresh */
-    h->rate = rate;
-    h->tokens = 0;
-    h->tok_time = now;
+  if (pace)
+    rate = rate ? MIN (rate, pace) : pace;
+  pthread_mutex_lock (&hy->rate_lock);
+  if (rate != hy->rate) {
+    /* From no limit: start empty.  A new limit keeps the balance (a
+     * debt stays owed), at most a second's worth of the new rate.
+     */
+    if (hy->rate == 0) {
+      hy->tokens = 0;
+      hy->tok_time = now;
+    }
+    hy->rate = rate;
   }
-  if (rate == 0)
-    return true;
-  h->tokens += (double) rate * (now - h->tok_time) / 1e9;
-  h->tok_time = now;
-  if (h->tokens > (double) rate)
-    h->tokens = (double) rate;
-  return h->tokens > 0;
+  if (rate) {
+    hy->tokens += (double) rate * (now - hy->tok_time) / 1e9;
+    hy->tok_time = now;
+    if (hy->tokens > (double) rate)
+      hy->tokens = (double) rate;
+    ok = hy->tokens > 0;
+  }
+  pthread_mutex_unlock (&hy->rate_lock);
+  return ok;
 }
 
 static void
 rate_charge (struct worker *h, uint64_t len)
 {
-  if (h->rate)
-    h->tokens -= (double) len;
+  struct aclone_hydrator *hy = h->hy;
+
+  pthread_mutex_lock (&hy->rate_lock);
+  if (hy->rate)
+    hy->tokens -= (double) len;
+  pthread_mutex_unlock (&hy->rate_lock);
 }
 
 static void
@@ -364,6 +396,18 @@ measure (struct worker *h)
   follow_priority (h);
   if (h->id != 0)
     return;
+  /* The pace: probes and the rate limit while clients are served. */
+  uint64_t probes = hy->pace.probes;
+  aclone_fgpace_tick (&hy->pace, now, yielding_to_clients (h), bytes,
+                      atomic_load (&hy->batches), atomic_load (&hy->floor),
+                      &c->svc);
+  if (hy->pace.probes != probes)
+    aclone_clone_log (c, 0, "pace: client turn %.1f us copying at %.1f MB/s, "
+                      "%.1f us quiet: pace %.1f MB/s",
+                      hy->pace.copy_median / 1e3, hy->pace.on_rate / 1e6,
+                      hy->pace.quiet_median / 1e3, hy->pace.pace / 1e6);
+  atomic_store (&hy->pace_quiet, aclone_fgpace_quiet (&hy->pace));
+  atomic_store (&hy->pace_rate, aclone_fgpace_rate (&hy->pace));
   if (h->meas_time == 0) {
     h->meas_time = now;
     h->meas_bytes = bytes;
@@ -395,6 +439,7 @@ measure (struct worker *h)
       floor = hy->best_rate / FLOOR_DEFAULT_DIV;
     if (limit)
       floor = MIN (floor, limit / 2);
+    atomic_store (&hy->floor, floor);
     pthread_mutex_lock (&hy->fg_lock);
     bool boost = aclone_fgctl_second (&hy->fg, hy->smooth_rate, floor, could_run);
     pthread_mutex_unlock (&hy->fg_lock);
@@ -414,6 +459,11 @@ measure (struct worker *h)
     __atomic_store_n (&l->fg_reason, fg.reason, __ATOMIC_RELAXED);
     __atomic_store_n (&l->fg_client_cuts, fg.client_cuts, __ATOMIC_RELAXED);
     __atomic_store_n (&l->fg_idle, h->idle, __ATOMIC_RELAXED);
+    __atomic_store_n (&l->fg_pace, aclone_fgpace_rate (&hy->pace), __ATOMIC_RELAXED);
+    __atomic_store_n (&l->fg_pace_probes, hy->pace.probes, __ATOMIC_RELAXED);
+    __atomic_store_n (&l->fg_pace_cuts, hy->pace.cuts, __ATOMIC_RELAXED);
+    __atomic_store_n (&l->fg_svc_quiet_ns, hy->pace.quiet_median, __ATOMIC_RELAXED);
+    __atomic_store_n (&l->fg_svc_copy_ns, hy->pace.copy_median, __ATOMIC_RELAXED);
   }
 }
 
@@ -574,7 +624,8 @@ pick (struct worker *h, struct batch *b)
 static bool
 may_start (struct worker *h, unsigned inflight)
 {
-  if (paused (h) || inflight >= depth_limit (h))
+  if (paused (h) || inflight >= depth_limit (h) ||
+      atomic_load (&h->hy->pace_quiet))
     return false;
   if (h->resume_at && aclone_now_ns () < h->resume_at)
     return false;
@@ -595,8 +646,10 @@ run_plain (struct worker *h)
       continue;
     }
     rate_charge (h, b.len);
+    atomic_fetch_add (&h->hy->batches, 1);
     int r = aclone_clone_copy_locked (h->c, b.first, b.n, NULL, 0, 0);
     aclone_map_unlock (&h->c->map, b.first, b.lock_n);
+    atomic_fetch_sub (&h->hy->batches, 1);
     if (r < 0)
       failed (h);
     else
@@ -698,6 +751,7 @@ batch_release (struct worker *h, struct batch *b, bool ok)
   aclone_map_unlock (&c->map, b->first, b->lock_n);
   b->state = B_FREE;
   h->inflight--;
+  atomic_fetch_sub (&h->hy->batches, 1);
 }
 
 static void
@@ -1112,6 +1166,7 @@ start_batches (struct worker *h)
     rate_charge (h, b->len);
     atomic_fetch_add (&h->c->in_flight, b->len);
     h->inflight++;
+    atomic_fetch_add (&h->hy->batches, 1);
     h->inflight_peak = MAX (h->inflight_peak, h->inflight);
   }
 }
@@ -1354,6 +1409,7 @@ hydrator_free (struct aclone_hydrator *hy)
     free (h->batches);
   }
   pthread_mutex_destroy (&hy->fg_lock);
+  pthread_mutex_destroy (&hy->rate_lock);
   free (hy);
 }
 
@@ -1390,6 +1446,8 @@ aclone_hydrator_start (struct aclone_clone *c,
     return aclone_error_set (err, ENOMEM, "hydrator");
   hy->n = n;
   pthread_mutex_init (&hy->fg_lock, NULL);
+  pthread_mutex_init (&hy->rate_lock, NULL);
+  aclone_fgpace_init (&hy->pace);
   aclone_fgctl_init (&hy->fg, MAX (1u, MIN (cfg->depth, ACLONE_HYDRATOR_MAX_DEPTH)),
                      cfg->batch, aclone_now_ns ());
   hy->idle_ok = aclone_prio_idle_usable ();

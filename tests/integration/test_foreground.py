@@ -7,6 +7,9 @@
   hydration's window, and the source sees no more hydration reads in
   flight than the window; when they stop, the window opens again;
 - a progress floor (`aclone set floor=`) suspends those cuts;
+- while a client reads hydrated data, the pace controller probes: the
+  copy pauses now and then, and the client's turns with and without it
+  show in status;
 - a copy-on-read reply goes out before its dest write lands; the region
   stays locked and unhydrated until it does (a client write waits); a
   crash between the reply and the write loses nothing that was flushed.
@@ -85,6 +88,23 @@ def reads_in_flight(log):
             elif words[3] == "...Read":
                 begun.pop(key, None)
     return sorted(begun.values(), key=lambda r: r[2])
+
+
+def read_starts(log, after, before):
+    """Times (unix seconds) at which the source began reads, between
+    after and before, in order."""
+    import datetime
+    out = []
+    with open(log) as f:
+        for line in f:
+            words = line.split()
+            if len(words) < 5 or words[3] != "Read":
+                continue
+            t = datetime.datetime.strptime(words[0] + " " + words[1],
+                                           "%Y-%m-%d %H:%M:%S.%f").timestamp()
+            if after <= t <= before:
+                out.append(t)
+    return sorted(out)
 
 
 class BusyClient:
@@ -236,6 +256,50 @@ class ForegroundTest(CloneTest):
                      "the window to grow despite the client")
         finally:
             client.stop()
+
+    def test_pace_probes_pause_the_copy(self):
+        """While a client reads hydrated data one request after another,
+        the pace controller probes what the copy costs it: hydration
+        starts no batch for a while (the source sees pauses between
+        hydration reads, one per probe), the client's turns are sampled
+        with and without the copy, and status shows the two medians, the
+        probes and the pace."""
+        src = self.slow_source(512 * MiB, delay="5ms")
+        c = self.clone(src, hydrate_batch="64K")
+        h = c.connect()
+        h.cache(4 * MiB, 0)
+        stop = threading.Event()
+        turns = [0]
+
+        def client():
+            off = 0
+            while not stop.is_set():
+                h.pread(4096, off)
+                off = (off + 4096) % (4 * MiB)
+                turns[0] += 1
+        t = threading.Thread(target=client)
+        started = time.time()
+        t.start()
+        try:
+            # Under load the copy threads, at idle priority, may barely
+            # run: wait for some copies as well as for the probes.
+            wait_for(lambda: status(self.meta)["foreground"]["pace_probes"] >= 2 and
+                     len(read_starts(self.log, started, time.time())) >= 12,
+                     90, "two probes of the client's turns, and copies")
+        finally:
+            stop.set()
+            t.join(30)
+        ended = time.time()
+        h.shutdown()
+        fg = status(self.meta)["foreground"]
+        self.assertGreater(fg["client_read_quiet_ms"], 0)
+        self.assertGreater(fg["client_read_copying_ms"], 0)
+        self.assertGreaterEqual(fg["pace_cuts"], 0)
+        self.assertGreater(turns[0], 100)
+        starts = read_starts(self.log, started, ended)
+        gaps = [b - a for a, b in zip(starts, starts[1:]) if b - a >= 0.14]
+        self.assertGreaterEqual(len(gaps), 2, "pauses of 140 ms or more in "
+                                "hydration reads (a probe's quiet): %s" % gaps)
 
     def test_client_waiting_for_a_copy_lifts_its_priority(self):
         """A client write to a region a copy holds (its source read takes
