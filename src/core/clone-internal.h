@@ -16,6 +16,7 @@
 #include "aclone/clone.h"
 #include "aclone/hydrator.h"
 #include "aclone/map.h"
+#include "aclone/meta.h"
 #include "fgpace.h"
 
 struct aclone_clone {
@@ -174,6 +175,131 @@ void aclone_clone_log (struct aclone_clone *c, int level, const char *fmt, ...)
 /* Record a runtime error: counters, live page, log. */
 void aclone_clone_error (struct aclone_clone *c, const char *fmt, ...)
   __attribute__ ((format (printf, 2, 3)));
+
+/* The hydrator's view ------------------------------------------------
+ *
+ * What hydrator.c reads and writes of the clone goes through these (and
+ * the functions above), besides the fields set at open (size,
+ * region_size, dest, the map with its own atomics, meta's header) and
+ * c->hydrator, which it owns.  All lock-free: atomics, advisory.
+ */
+
+/* Clients: a request in progress, or one begun within `within` ns. */
+static inline bool
+aclone_clone_clients_active (struct aclone_clone *c, uint64_t within)
+{
+  uint64_t last = atomic_load_explicit (&c->fg_last_ns, memory_order_relaxed);
+  return atomic_load (&c->fg_active) > 0 ||
+         (last && aclone_now_ns () - last < within);
+}
+
+/* Take the read-miss hint: 1 + the region after the last miss, 0 none. */
+static inline uint64_t
+aclone_clone_take_hint (struct aclone_clone *c)
+{
+  return atomic_exchange_explicit (&c->hint, 0, memory_order_relaxed);
+}
+
+/* The clients' turns, for the pace controller (fgpace.h). */
+static inline const struct aclone_svc_hist *
+aclone_clone_client_turns (struct aclone_clone *c)
+{
+  return &c->svc;
+}
+
+/* The live page: the controls (ctl_*) and the controller's fields. */
+static inline struct aclone_live *
+aclone_clone_live (struct aclone_clone *c)
+{
+  return c->meta->live;
+}
+
+/* The source as the header names it, for messages. */
+static inline const char *
+aclone_clone_source_name (struct aclone_clone *c)
+{
+  return c->meta->hdr.source;
+}
+
+/* Counters and state the hydrator reports. */
+static inline void
+aclone_clone_set_backing_off (struct aclone_clone *c, bool v)
+{
+  atomic_store (&c->backing_off, v);
+}
+
+static inline bool
+aclone_clone_backing_off (struct aclone_clone *c)
+{
+  return atomic_load (&c->backing_off);
+}
+
+static inline void
+aclone_clone_set_rate (struct aclone_clone *c, uint64_t bytes_per_s)
+{
+  atomic_store (&c->rate, bytes_per_s);
+}
+
+static inline uint64_t
+aclone_clone_bytes_copied (struct aclone_clone *c)
+{
+  return atomic_load (&c->bytes_copied);
+}
+
+static inline uint64_t
+aclone_clone_bytes_skipped (struct aclone_clone *c)
+{
+  return atomic_load (&c->bytes_skipped);
+}
+
+/* A copy of len bytes begins, or ends (landed or not): in_flight. */
+static inline void
+aclone_clone_copy_begins (struct aclone_clone *c, uint64_t len)
+{
+  atomic_fetch_add (&c->in_flight, len);
+}
+
+static inline void
+aclone_clone_copy_ends (struct aclone_clone *c, uint64_t len)
+{
+  atomic_fetch_sub (&c->in_flight, len);
+}
+
+/* A copy write was cut into pieces for clients (hydrator.c). */
+static inline void
+aclone_clone_count_write_cut (struct aclone_clone *c)
+{
+  atomic_fetch_add_explicit (&c->copy_write_cuts, 1, memory_order_relaxed);
+}
+
+/* Copy thread k runs as tid (0: it ended), so that a client waiting for
+ * a lock it holds can lift its priority (client_region_lock).
+ */
+static inline void
+aclone_clone_copy_thread (struct aclone_clone *c, unsigned k, pid_t tid)
+{
+  atomic_store (&c->copy_tids[k], tid);
+}
+
+static inline pid_t
+aclone_clone_copy_thread_tid (struct aclone_clone *c, unsigned k)
+{
+  return atomic_load (&c->copy_tids[k]);
+}
+
+/* May the copy threads use idle priority at all (prio.h)? */
+static inline void
+aclone_clone_allow_idle (struct aclone_clone *c, bool v)
+{
+  atomic_store (&c->copies_idle, v);
+}
+
+/* Bumped each time a client set the copy threads to background. */
+static inline unsigned
+aclone_clone_boost_gen (struct aclone_clone *c)
+{
+  return atomic_load (&c->boost_gen);
+}
 
 /* Publish counters and state to the live page now. */
 void aclone_clone_publish (struct aclone_clone *c, enum aclone_state state);

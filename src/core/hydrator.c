@@ -216,7 +216,7 @@ nap (unsigned long long ns)
 static uint64_t
 ctl (struct worker *h, size_t field_off)
 {
-  return __atomic_load_n ((uint64_t *) ((char *) h->c->meta->live + field_off),
+  return __atomic_load_n ((uint64_t *) ((char *) aclone_clone_live (h->c) + field_off),
                           __ATOMIC_RELAXED);
 }
 #define CTL(h, f) ctl ((h), offsetof (struct aclone_live, f))
@@ -234,10 +234,7 @@ paused (struct worker *h)
 static bool
 clients_active (struct worker *h, unsigned long long within)
 {
-  unsigned long long last = atomic_load_explicit (&h->c->fg_last_ns,
-                                                  memory_order_relaxed);
-  return atomic_load (&h->c->fg_active) > 0 ||
-         (last && aclone_now_ns () - last < within);
+  return aclone_clone_clients_active (h->c, within);
 }
 
 /* How many batches this worker may have in flight now: the controller's
@@ -323,14 +320,14 @@ failed (struct worker *h)
   h->backoff_ns = aclone_backoff_next (h->backoff_ns, BACKOFF_MIN_NS,
                                       BACKOFF_MAX_NS);
   h->resume_at = aclone_now_ns () + h->backoff_ns;
-  atomic_store (&h->c->backing_off, true);
+  aclone_clone_set_backing_off (h->c, true);
 }
 
 static void
 succeeded (struct worker *h)
 {
   h->backoff_ns = 0;
-  atomic_store (&h->c->backing_off, false);
+  aclone_clone_set_backing_off (h->c, false);
 }
 
 /* Are clients being served (a request in the last CLIENTS_IDLE_NS) and
@@ -362,7 +359,7 @@ static void
 follow_priority (struct worker *h)
 {
   struct aclone_clone *c = h->c;
-  unsigned gen = atomic_load (&c->boost_gen);
+  unsigned gen = aclone_clone_boost_gen (c);
 
   if (gen != h->boost_gen) {          /* a client set us to background */
     h->boost_gen = gen;
@@ -391,7 +388,7 @@ measure (struct worker *h)
   struct aclone_hydrator *hy = h->hy;
   struct aclone_clone *c = h->c;
   unsigned long long now = aclone_now_ns ();
-  uint64_t bytes = atomic_load (&c->bytes_copied);
+  uint64_t bytes = aclone_clone_bytes_copied (c);
 
   follow_priority (h);
   if (h->id != 0)
@@ -400,7 +397,7 @@ measure (struct worker *h)
   uint64_t probes = hy->pace.probes;
   aclone_fgpace_tick (&hy->pace, now, yielding_to_clients (h), bytes,
                       atomic_load (&hy->batches), atomic_load (&hy->floor),
-                      &c->svc);
+                      aclone_clone_client_turns (c));
   if (hy->pace.probes != probes)
     aclone_clone_log (c, 0, "pace: client turn %.1f us copying at %.1f MB/s, "
                       "%.1f us quiet: pace %.1f MB/s",
@@ -414,7 +411,7 @@ measure (struct worker *h)
   }
   else if (now - h->meas_time >= 1000000000ull) {
     uint64_t r = (bytes - h->meas_bytes) * 1e9 / (now - h->meas_time);
-    atomic_store (&c->rate, r);
+    aclone_clone_set_rate (c, r);
     h->meas_time = now;
     h->meas_bytes = bytes;
 
@@ -424,7 +421,7 @@ measure (struct worker *h)
      * It is held against the rate smoothed over a few seconds: a rate
      * limit or a slow source copies in bursts, not every second.
      */
-    bool could_run = !paused (h) && !atomic_load (&c->backing_off) &&
+    bool could_run = !paused (h) && !aclone_clone_backing_off (c) &&
                      !all_hydrated (h);
     uint64_t limit = CTL (h, ctl_rate), floor = CTL (h, ctl_floor);
     hy->smooth_rate = hy->smooth_rate ? (3 * hy->smooth_rate + r) / 4 : r;
@@ -446,7 +443,7 @@ measure (struct worker *h)
     atomic_store (&hy->floor_boost, boost);
   }
   if (now - h->publish_time >= PUBLISH_NS) {
-    struct aclone_live *l = c->meta->live;
+    struct aclone_live *l = aclone_clone_live (c);
     h->publish_time = now;
     pthread_mutex_lock (&hy->fg_lock);
     struct aclone_fgctl fg = hy->fg;
@@ -539,7 +536,7 @@ zero_scan (struct worker *h)
       return;                        /* no block status: copy everything */
     if (r < 0 || z.pos <= start) {
       aclone_clone_error (c, "source %s: block status at %llu failed, "
-                          "copying instead", c->meta->hdr.source,
+                          "copying instead", aclone_clone_source_name (c),
                           (unsigned long long) start);
       return;
     }
@@ -557,7 +554,7 @@ static bool
 pick (struct worker *h, struct batch *b)
 {
   struct aclone_map *m = &h->c->map;
-  uint64_t hint = atomic_exchange_explicit (&h->c->hint, 0, memory_order_relaxed);
+  uint64_t hint = aclone_clone_take_hint (h->c);
   uint64_t scanned = 0;
 
   if (hint) {
@@ -747,7 +744,7 @@ batch_release (struct worker *h, struct batch *b, bool ok)
     succeeded (h);
   else
     failed (h);
-  atomic_fetch_sub (&c->in_flight, b->len);
+  aclone_clone_copy_ends (c, b->len);
   aclone_map_unlock (&c->map, b->first, b->lock_n);
   b->state = B_FREE;
   h->inflight--;
@@ -934,7 +931,7 @@ issue_write (struct worker *h, unsigned idx)
   size_t len = b->len - b->done;
   if (len > WRITE_PIECE_SERVED && yielding_to_clients (h)) {
     len = WRITE_PIECE_SERVED;
-    atomic_fetch_add_explicit (&h->c->copy_write_cuts, 1, memory_order_relaxed);
+    aclone_clone_count_write_cut (h->c);
   }
   io_uring_prep_write (sqe, h->c->dest->fd, b->buf + (b->off - b->roff) + b->done,
                        len, b->off + b->done);
@@ -968,7 +965,7 @@ reads_finished (struct worker *h)
     }
     if (b->error) {
       aclone_clone_error (h->c, "hydrator: source %s: read %llu bytes at %llu: %s",
-                          h->c->meta->hdr.source,
+                          aclone_clone_source_name (h->c),
                           (unsigned long long) b->len,
                           (unsigned long long) b->off, strerror (b->error));
       batch_release (h, b, false);
@@ -1164,7 +1161,7 @@ start_batches (struct worker *h)
       break;
     }
     rate_charge (h, b->len);
-    atomic_fetch_add (&h->c->in_flight, b->len);
+    aclone_clone_copy_begins (h->c, b->len);
     h->inflight++;
     atomic_fetch_add (&h->hy->batches, 1);
     h->inflight_peak = MAX (h->inflight_peak, h->inflight);
@@ -1264,17 +1261,17 @@ finish (struct worker *h)
   }
   if (aclone_clone_mode (c) == ACLONE_MODE_COMPLETE) {
     aclone_clone_release_source (c);
-    atomic_store (&c->rate, 0);
-    __atomic_store_n (&c->meta->live->fg_window, 0, __ATOMIC_RELAXED);
-    __atomic_store_n (&c->meta->live->fg_reason, ACLONE_FG_OPEN, __ATOMIC_RELAXED);
+    aclone_clone_set_rate (c, 0);
+    __atomic_store_n (&aclone_clone_live (c)->fg_window, 0, __ATOMIC_RELAXED);
+    __atomic_store_n (&aclone_clone_live (c)->fg_reason, ACLONE_FG_OPEN, __ATOMIC_RELAXED);
     /* (A failure right now shows at the ticker's next publish.) */
     if (aclone_clone_mode (c) == ACLONE_MODE_COMPLETE)
       aclone_clone_publish (c, ACLONE_STATE_COMPLETE);
     aclone_clone_log (c, 1, "hydration complete: %s holds every region of "
                       "%s (%llu bytes copied, %llu skipped); source released",
-                      c->dest->path, c->meta->hdr.source,
-                      (unsigned long long) atomic_load (&c->bytes_copied),
-                      (unsigned long long) atomic_load (&c->bytes_skipped));
+                      c->dest->path, aclone_clone_source_name (c),
+                      (unsigned long long) aclone_clone_bytes_copied (c),
+                      (unsigned long long) aclone_clone_bytes_skipped (c));
   }
 }
 
@@ -1293,7 +1290,7 @@ worker_main (void *arg)
   snprintf (name, sizeof name, "aclone-copy%u", h->id);
   pthread_setname_np (pthread_self (), name);
   h->tid = gettid ();
-  atomic_store (&h->c->copy_tids[h->id], h->tid);
+  aclone_clone_copy_thread (h->c, h->id, h->tid);
   /* Lowest best-effort I/O priority, not the idle class: a client's
    * FLUSH waits for the writeback these threads start, and the idle
    * class would make it wait behind every other I/O on the disk.  (Their
@@ -1332,7 +1329,7 @@ worker_main (void *arg)
     aclone_clone_log (h->c, 0, "hydrator: final commit took %.3f s",
                       (aclone_now_ns () - t2) / 1e9);
   }
-  atomic_store (&h->c->copy_tids[h->id], 0);
+  aclone_clone_copy_thread (h->c, h->id, 0);
   return NULL;
 }
 
@@ -1419,7 +1416,7 @@ aclone_hydrator_start (struct aclone_clone *c,
                        struct aclone_error *err)
 {
   struct aclone_hydrator *hy;
-  struct aclone_live *live = c->meta->live;
+  struct aclone_live *live = aclone_clone_live (c);
   unsigned n, conns;
   int r;
 
@@ -1451,7 +1448,7 @@ aclone_hydrator_start (struct aclone_clone *c,
   aclone_fgctl_init (&hy->fg, MAX (1u, MIN (cfg->depth, ACLONE_HYDRATOR_MAX_DEPTH)),
                      cfg->batch, aclone_now_ns ());
   hy->idle_ok = aclone_prio_idle_usable ();
-  atomic_store (&c->copies_idle, hy->idle_ok);
+  aclone_clone_allow_idle (c, hy->idle_ok);
   if (!hy->idle_ok)
     aclone_clone_log (c, 1, "copy threads at nice %d, not SCHED_IDLE: they "
                       "could not leave it (needs CAP_SYS_NICE or RLIMIT_NICE "
@@ -1502,10 +1499,10 @@ aclone_hydrator_stop (struct aclone_clone *c)
   atomic_store (&hy->stop, true);
   aclone_clone_cancel_source (c);
   /* Idle threads barely run while the CPU is busy: not while we wait. */
-  atomic_store (&c->copies_idle, false);
+  aclone_clone_allow_idle (c, false);
   pid_t tids[ACLONE_HYDRATOR_MAX_WORKERS];
   for (unsigned k = 0; k < hy->n; k++)
-    tids[k] = atomic_load (&c->copy_tids[k]);
+    tids[k] = aclone_clone_copy_thread_tid (c, k);
   aclone_prio_apply_all (tids, hy->n, false);
   for (unsigned k = 0; k < hy->n; k++)
     if (hy->w[k].started)
