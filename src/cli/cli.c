@@ -399,6 +399,42 @@ cmd_attach (int argc, char **argv)
 /* "verify [--json] META --source URI --dest PATH [--tls-...]": exit
  * status 0 only if every region compared matches.
  */
+/* What verify found, as text or JSON ("verify META"). */
+static void
+print_verify (const struct aclone_meta *m, const struct aclone_verify *v,
+              bool json)
+{
+  if (json) {
+    struct json_object *o = json_object_new_object ();
+    struct json_object *bad = json_object_new_array ();
+    json_add_u64 (o, "regions", m->hdr.regions);
+    json_add_u64 (o, "compared", v->compared);
+    json_add_u64 (o, "mismatched", v->mismatched);
+    json_add_u64 (o, "written", v->written);
+    json_add_u64 (o, "unhydrated", v->unhydrated);
+    for (size_t i = 0; i < v->nbad; i++) {
+      struct json_object *r = json_object_new_object ();
+      json_add_u64 (r, "offset", v->bad_off[i]);
+      json_add_u64 (r, "length", v->bad_len[i]);
+      json_object_array_add (bad, r);
+    }
+    json_object_object_add (o, "mismatches", bad);
+    json_print (o);
+  }
+  else {
+    printf ("compared:      %llu regions (copied, never written)\n",
+            (unsigned long long) v->compared);
+    printf ("mismatched:    %llu regions\n", (unsigned long long) v->mismatched);
+    for (size_t i = 0; i < v->nbad; i++)
+      printf ("  differs:     offset %llu length %llu\n",
+              (unsigned long long) v->bad_off[i], (unsigned long long) v->bad_len[i]);
+    printf ("written:       %llu regions (not compared)\n",
+            (unsigned long long) v->written);
+    printf ("unhydrated:    %llu regions (not compared)\n",
+            (unsigned long long) v->unhydrated);
+  }
+}
+
 static int
 cmd_verify (int argc, char **argv)
 {
@@ -463,35 +499,7 @@ cmd_verify (int argc, char **argv)
     rc = EXIT_FAILURE;
     goto out_v;
   }
-  if (json) {
-    struct json_object *o = json_object_new_object ();
-    struct json_object *bad = json_object_new_array ();
-    json_add_u64 (o, "regions", m->hdr.regions);
-    json_add_u64 (o, "compared", v.compared);
-    json_add_u64 (o, "mismatched", v.mismatched);
-    json_add_u64 (o, "written", v.written);
-    json_add_u64 (o, "unhydrated", v.unhydrated);
-    for (size_t i = 0; i < v.nbad; i++) {
-      struct json_object *r = json_object_new_object ();
-      json_add_u64 (r, "offset", v.bad_off[i]);
-      json_add_u64 (r, "length", v.bad_len[i]);
-      json_object_array_add (bad, r);
-    }
-    json_object_object_add (o, "mismatches", bad);
-    json_print (o);
-  }
-  else {
-    printf ("compared:      %llu regions (copied, never written)\n",
-            (unsigned long long) v.compared);
-    printf ("mismatched:    %llu regions\n", (unsigned long long) v.mismatched);
-    for (size_t i = 0; i < v.nbad; i++)
-      printf ("  differs:     offset %llu length %llu\n",
-              (unsigned long long) v.bad_off[i], (unsigned long long) v.bad_len[i]);
-    printf ("written:       %llu regions (not compared)\n",
-            (unsigned long long) v.written);
-    printf ("unhydrated:    %llu regions (not compared)\n",
-            (unsigned long long) v.unhydrated);
-  }
+  print_verify (m, &v, json);
   if (v.mismatched)
     rc = EXIT_FAILURE;
  out_v:

@@ -79,6 +79,74 @@ wait_tell (const char *path, struct waited *x, bool several, bool tty,
  * still waited for), or the timeout passes.  Exit status 0 only if all
  * completed.
  */
+/* One round: read every clone still waited for and note which ended.
+ * t gets the totals of every clone read so far; going those read in
+ * this round, whose ETA is the one to show (one that ended before
+ * without completing has none, and is no longer waited for).  *news:
+ * some clone ended in this round.  Returns whether all have ended.
+ */
+static bool
+wait_round (char **paths, struct waited *w, int n, struct totals *t,
+            struct totals *going, bool *news)
+{
+  bool all_ended = true;
+
+  for (int i = 0; i < n; i++) {
+    struct waited *x = &w[i];
+    if (x->end == W_GOING) {
+      if (load_status (paths[i], &x->s, &x->err) < 0)
+        x->end = W_UNREADABLE;
+      else {
+        totals_add (going, &x->s);
+        if (strcmp (x->s.state, "complete") == 0)
+          x->end = W_COMPLETE;
+        else if (strcmp (x->s.state, "failed") == 0)
+          x->end = W_FAILED;
+        else if (!x->s.in_use)
+          x->end = W_NO_SERVER;
+      }
+      *news |= x->end != W_GOING;
+    }
+    all_ended &= x->end != W_GOING;
+    if (x->s.state)
+      totals_add (t, &x->s);
+  }
+  return all_ended;
+}
+
+/* Show the progress: a bar redrawn in place on a terminal; else a line
+ * when something changed (force), at first, and every 5 s.
+ */
+static void
+wait_progress (const struct totals *t, const struct totals *going, bool tty,
+               bool force, unsigned long long now, bool *drawn,
+               unsigned long long *last_line)
+{
+  double percent = totals_percent (t);
+  char rate[32], eta[32], states[NAME_LEN];
+
+  if (!t->clones)
+    return;                     /* nothing read: nothing to show */
+  human (t->rate, rate, sizeof rate);
+  eta_text (going->eta_unknown ? -1 : going->eta, eta, sizeof eta);
+  totals_states (t, states, sizeof states);
+  if (tty) {
+    int width = 30, fill = (int) (percent * width / 100);
+    /* \033[K: the states may be shorter than the last time. */
+    printf ("\r[%.*s%.*s] %5.1f%% %s/s ETA %s %s\033[K", fill,
+            "##############################", width - fill,
+            "..............................", percent, rate, eta, states);
+    fflush (stdout);
+    *drawn = true;
+  }
+  else if (force || *last_line == 0 || now - *last_line >= 5000000000ull) {
+    printf ("%.1f%% hydrated, %s/s, eta %s, %s\n", percent, rate, eta,
+            states);
+    fflush (stdout);
+    *last_line = now;
+  }
+}
+
 int
 cmd_wait (int argc, char **argv)
 {
@@ -109,58 +177,14 @@ cmd_wait (int argc, char **argv)
     return EXIT_FAILURE;
   }
   for (;;) {
-    /* t: every clone read, for the progress; going: those read in this
-     * round, whose ETA is the one to show (one that ended before without
-     * completing has none, and is no longer waited for).
-     */
     struct totals t = { 0 }, going = { 0 };
-    bool news = false, all_ended = true;
-
-    for (int i = 0; i < n; i++) {
-      struct waited *x = &w[i];
-      if (x->end == W_GOING) {
-        if (load_status (paths[i], &x->s, &x->err) < 0)
-          x->end = W_UNREADABLE;
-        else {
-          totals_add (&going, &x->s);
-          if (strcmp (x->s.state, "complete") == 0)
-            x->end = W_COMPLETE;
-          else if (strcmp (x->s.state, "failed") == 0)
-            x->end = W_FAILED;
-          else if (!x->s.in_use)
-            x->end = W_NO_SERVER;
-        }
-        news |= x->end != W_GOING;
-      }
-      all_ended &= x->end != W_GOING;
-      if (x->s.state)
-        totals_add (&t, &x->s);
-    }
-
+    bool news = false;
+    bool all_ended = wait_round (paths, w, n, &t, &going, &news);
     unsigned long long now = aclone_now_ns ();
-    double elapsed = (now - start) / 1e9, percent = totals_percent (&t);
-    char rate[32], eta[32], states[NAME_LEN];
-    human (t.rate, rate, sizeof rate);
-    eta_text (going.eta_unknown ? -1 : going.eta, eta, sizeof eta);
-    totals_states (&t, states, sizeof states);
-    if (!t.clones)
-      ;                         /* nothing read: nothing to show */
-    else if (tty) {
-      int width = 30, fill = (int) (percent * width / 100);
-      /* \033[K: the states may be shorter than the last time. */
-      printf ("\r[%.*s%.*s] %5.1f%% %s/s ETA %s %s\033[K", fill,
-              "##############################", width - fill,
-              "..............................", percent, rate, eta, states);
-      fflush (stdout);
-      drawn = true;
-    }
-    else if (news || all_ended || last_line == 0 ||
-             now - last_line >= 5000000000ull) {
-      printf ("%.1f%% hydrated, %s/s, eta %s, %s\n", percent, rate, eta,
-              states);
-      fflush (stdout);
-      last_line = now;
-    }
+    double elapsed = (now - start) / 1e9;
+
+    wait_progress (&t, &going, tty, news || all_ended, now, &drawn,
+                   &last_line);
 
     for (int i = 0; i < n; i++)
       failures += wait_tell (paths[i], &w[i], several, tty, &drawn);
