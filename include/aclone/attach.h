@@ -5,6 +5,7 @@
 #define ACLONE_ATTACH_H
 
 #include <stdbool.h>
+#include <stdint.h>
 
 #include "aclone/error.h"
 
@@ -16,6 +17,13 @@ struct aclone_attach_config {
   unsigned reconnect_s;        /* how long I/O waits for a new connection */
   unsigned connections;        /* sockets the device spreads I/O over; 0: 1 */
   bool readonly;               /* attach read-only whatever the export says */
+  /* TLS, for nbds:// and nbds+unix:// URIs (which require it): as in
+   * `aclone verify`.  The kernel cannot speak TLS: each connection is
+   * then relayed through a thread of ours (src/attach/relay.c).
+   */
+  const char *tls_certificates;  /* directory, or NULL */
+  const char *tls_psk_file;      /* username:hexkey lines, or NULL */
+  bool tls_no_verify;            /* do not verify the server's certificate */
 };
 
 #define ACLONE_ATTACH_MAX_CONNECTIONS 16
@@ -26,6 +34,16 @@ struct aclone_attach_config {
  */
 int aclone_attach (const struct aclone_attach_config *cfg,
                    struct aclone_error *err);
+
+/* The socket the kernel gets for one connection to cfg's export: for a
+ * plain URI, libnbd's own after the handshake; for TLS, one end of a
+ * socket pair served by a relay thread.  Fills the export's size and
+ * transmission flags (the protocol's NBD_FLAG_*).  -errno with err set.
+ * Exposed for tests, which speak NBD on it as the kernel would.
+ */
+int aclone_attach_socket (const struct aclone_attach_config *cfg,
+                          uint64_t *size, uint64_t *flags,
+                          struct aclone_error *err);
 
 /* Detach /dev/nbd<index> (NBD_CMD_DISCONNECT), as nbd-client -d does; an
  * `aclone attach` serving it then exits.  0 or -errno with err set.

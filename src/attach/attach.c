@@ -21,7 +21,9 @@
  * The handshake is libnbd's: the socket is taken from the handle once it
  * is ready (fixed newstyle, no structured replies: the kernel speaks only
  * simple replies).  nbd_close on the handle closes libnbd's descriptor,
- * not our duplicate, and sends nothing.
+ * not our duplicate, and sends nothing.  Over TLS the kernel cannot have
+ * the socket: a relay thread keeps the handle and serves the kernel
+ * through a socket pair (relay.c).
  *
  * Generic netlink goes through libnl-genl-3, which nbd-client uses too:
  * it resolves the family and its multicast group, builds the nested
@@ -50,6 +52,8 @@
 
 #include "aclone/attach.h"
 #include "aclone/clock.h"
+#include "aclone/source.h"
+#include "relay.h"
 
 /* NBD transmission flags (the protocol's, as NBD_ATTR_SERVER_FLAGS). */
 #define NBD_FLAG_HAS_FLAGS          (1 << 0)
@@ -184,19 +188,22 @@ transact (const struct nbd_netlink *n, struct nl_msg *m,
 
 /* NBD handshake ---------------------------------------------------- */
 
-/* Connect to uri and return the socket, handshake done; fills size and
- * the transmission flags.  -errno with a message in err.
- */
-static int
-nbd_socket (const char *uri, uint64_t *size, uint64_t *flags,
-            struct aclone_error *err)
+int
+aclone_attach_socket (const struct aclone_attach_config *cfg, uint64_t *size,
+                      uint64_t *flags, struct aclone_error *err)
 {
+  const char *uri = cfg->uri;
   struct nbd_handle *h = nbd_create ();
+  bool tls = aclone_source_uri_is_tls (uri);
   int fd = -1;
 
   if (!h)
     return aclone_error_set (err, ENOMEM, "%s", nbd_get_error ());
   if (nbd_set_request_structured_replies (h, false) < 0 ||
+      (cfg->tls_certificates &&
+       nbd_set_tls_certificates (h, cfg->tls_certificates) < 0) ||
+      (cfg->tls_psk_file && nbd_set_tls_psk_file (h, cfg->tls_psk_file) < 0) ||
+      (cfg->tls_no_verify && nbd_set_tls_verify_peer (h, false) < 0) ||
       nbd_connect_uri (h, uri) < 0) {
     aclone_error_set (err, 0, "%s: %s", uri, nbd_get_error ());
     nbd_close (h);
@@ -212,6 +219,8 @@ nbd_socket (const char *uri, uint64_t *size, uint64_t *flags,
   if (nbd_can_trim (h) == 1) *flags |= NBD_FLAG_SEND_TRIM;
   if (nbd_can_zero (h) == 1) *flags |= NBD_FLAG_SEND_WRITE_ZEROES;
   if (nbd_can_multi_conn (h) == 1) *flags |= NBD_FLAG_CAN_MULTI_CONN;
+  if (tls)
+    return aclone_relay_start (h, uri, err);
   fd = fcntl (nbd_aio_get_fd (h), F_DUPFD_CLOEXEC, 0);
   if (fd < 0)
     aclone_error_set (err, errno, "%s: dup", uri);
@@ -272,7 +281,7 @@ open_sockets (const struct aclone_attach_config *cfg, unsigned n, int *fds,
 
   for (i = 0; i < n; i++) {
     uint64_t sz, fl;
-    fds[i] = nbd_socket (cfg->uri, i ? &sz : size, i ? &fl : flags, err);
+    fds[i] = aclone_attach_socket (cfg, i ? &sz : size, i ? &fl : flags, err);
     if (fds[i] < 0) {
       r = fds[i];
       break;
@@ -460,7 +469,7 @@ reconnect (const struct nbd_netlink *n, const struct aclone_attach_config *cfg,
   while (!stop_requested) {
     uint64_t size2, flags2;
     struct aclone_error e2 = { 0 };
-    int fd = nbd_socket (cfg->uri, &size2, &flags2, &e2);
+    int fd = aclone_attach_socket (cfg, &size2, &flags2, &e2);
     if (fd >= 0 && size2 != size) {
       close (fd);
       return aclone_error_set (err, EINVAL, "%s: size changed from %llu to %llu",
@@ -510,6 +519,12 @@ aclone_attach (const struct aclone_attach_config *cfg, struct aclone_error *err)
   struct reconnect_pace pace = { 0, 0, 0 };
   unsigned nconn = connection_count (cfg);
 
+  if ((cfg->tls_certificates || cfg->tls_psk_file || cfg->tls_no_verify) &&
+      !aclone_source_uri_is_tls (cfg->uri))
+    return aclone_error_set (err, EINVAL, "%s: TLS settings given, but the URI "
+                             "does not ask for TLS (use nbds:// or nbds+unix://)",
+                             cfg->uri);
+
   r = attach_connect (&n, &events, cfg, &index, &size, err);
   if (r < 0)
     goto out;
@@ -525,8 +540,28 @@ aclone_attach (const struct aclone_attach_config *cfg, struct aclone_error *err)
   for (unsigned dead; r == 0 && (dead = wait_link_dead (events, index, nconn)) > 0; )
     while (r == 0 && dead-- > 0)
       r = reconnect (&n, cfg, index, size, &pace, err);
+  bool gone = r > 0 || !device_attached (index);  /* detached already */
   if (r > 0)
     r = 0;
+  /* Over TLS the device lives on our relays, which end with us: detach
+   * it first, so that its I/O fails now rather than after --reconnect
+   * seconds of waiting for connections that cannot come.
+   */
+  if (aclone_source_uri_is_tls (cfg->uri) && !gone) {
+    struct nl_msg *m = nbd_request (&n, NBD_CMD_DISCONNECT);
+    if (m && nla_put_u32 (m, NBD_ATTR_INDEX, index) < 0) {
+      nlmsg_free (m);
+      m = NULL;
+    }
+    if (transact (&n, m, NULL, NULL) == 0) {     /* (frees m) */
+      fprintf (stderr, "aclone: /dev/nbd%d: detached (its TLS relays end "
+               "with aclone attach)\n", index);
+      /* Best effort: a moment for the relays to pass the kernel's DISC
+       * on and close their TLS sessions cleanly; nothing depends on it.
+       */
+      nap_ms (200);
+    }
+  }
  out:
   nl_socket_free (events);
   netlink_close (&n);

@@ -9,7 +9,8 @@
  *   aclone set META rate=SIZE depth=N floor=SIZE
  *   aclone verify [--json] META --source URI --dest PATH [--tls-...]
  *   aclone attach [--device /dev/nbdN] [--timeout S] [--reconnect S]
- *                 [--connections N] [--readonly] [--block-size B] URI
+ *                 [--connections N] [--readonly] [--block-size B]
+ *                 [--tls-certificates DIR] [--tls-psk FILE] [--no-tls-verify] URI
  *   aclone attach --detach /dev/nbdN
  *
  * Exit status: 0 success, 1 runtime error, 2 usage error.
@@ -63,9 +64,11 @@ static const char usage_text[] =
   "                              copies in flight (0 = server default),\n"
   "                              progress floor in bytes/s (0 = default)\n"
   "  attach [--device /dev/nbdN] [--timeout S] [--reconnect S]\n"
-  "         [--connections N] [--readonly] [--block-size B] URI\n"
+  "         [--connections N] [--readonly] [--block-size B]\n"
+  "         [--tls-certificates DIR] [--tls-psk FILE] [--no-tls-verify] URI\n"
   "                              attach URI to a kernel NBD device and keep\n"
-  "                              it attached across server restarts\n"
+  "                              it attached across server restarts (TLS:\n"
+  "                              nbds:// URIs, relayed for the kernel)\n"
   "  attach --detach /dev/nbdN   detach it\n"
   "  verify [--json] META --source URI --dest PATH\n"
   "         [--tls-certificates DIR] [--tls-psk FILE] [--no-tls-verify]\n"
@@ -320,7 +323,7 @@ nbd_device_index (const char *path)
 }
 
 /* "attach [--device /dev/nbdN] [--timeout S] [--reconnect S]
- * [--connections N] [--readonly] [--block-size B] URI", or
+ * [--connections N] [--readonly] [--block-size B] [--tls-...] URI", or
  * "attach --detach /dev/nbdN".
  */
 static int
@@ -334,6 +337,9 @@ cmd_attach (int argc, char **argv)
     { "readonly", no_argument, NULL, 'R' },
     { "block-size", required_argument, NULL, 'b' },
     { "detach", required_argument, NULL, 'D' },
+    { "tls-certificates", required_argument, NULL, 'C' },
+    { "tls-psk", required_argument, NULL, 'P' },
+    { "no-tls-verify", no_argument, NULL, 'N' },
     { NULL, 0, NULL, 0 } };
   struct aclone_attach_config cfg = { .index = -1, .timeout_s = 60,
                                       .reconnect_s = 120, .connections = 1 };
@@ -360,6 +366,9 @@ cmd_attach (int argc, char **argv)
     case 'R':
       cfg.readonly = true;
       break;
+    case 'C': cfg.tls_certificates = optarg; break;
+    case 'P': cfg.tls_psk_file = optarg; break;
+    case 'N': cfg.tls_no_verify = true; break;
     case 'b':
       if (parse_number ("--block-size", optarg, 4096, &cfg.block_size) < 0)
         return EXIT_USAGE;
@@ -396,9 +405,6 @@ cmd_attach (int argc, char **argv)
   return EXIT_SUCCESS;
 }
 
-/* "verify [--json] META --source URI --dest PATH [--tls-...]": exit
- * status 0 only if every region compared matches.
- */
 /* What verify found, as text or JSON ("verify META"). */
 static void
 print_verify (const struct aclone_meta *m, const struct aclone_verify *v,
@@ -435,6 +441,9 @@ print_verify (const struct aclone_meta *m, const struct aclone_verify *v,
   }
 }
 
+/* "verify [--json] META --source URI --dest PATH [--tls-...]": exit
+ * status 0 only if every region compared matches.
+ */
 static int
 cmd_verify (int argc, char **argv)
 {

@@ -74,14 +74,9 @@ wait_tell (const char *path, struct waited *x, bool several, bool tty,
   return 1;
 }
 
-/* "wait META...": until every clone has ended, complete or not (failed,
- * no server, unreadable: each reported as it happens, and the others
- * still waited for), or the timeout passes.  Exit status 0 only if all
- * completed.
- */
 /* One round: read every clone still waited for and note which ended.
- * t gets the totals of every clone read so far; going those read in
- * this round, whose ETA is the one to show (one that ended before
+ * t gets the totals of every clone read so far; going: those read
+ * in this round, whose ETA is the one to show (one that ended before
  * without completing has none, and is no longer waited for).  *news:
  * some clone ended in this round.  Returns whether all have ended.
  */
@@ -147,6 +142,11 @@ wait_progress (const struct totals *t, const struct totals *going, bool tty,
   }
 }
 
+/* "wait META...": until every clone has ended, complete or not (failed,
+ * no server, unreadable: each reported as it happens, and the others
+ * still waited for), or the timeout passes.  Exit status 0 only if all
+ * completed.
+ */
 int
 cmd_wait (int argc, char **argv)
 {

@@ -7,7 +7,10 @@ One guest boot, three clones of one source, while hydration runs:
     (-drive file=nbd+unix://...,if=virtio: qemu's own NBD client), which
     the guest sees as /dev/vda (it has no root disk);
   * clone C, qemu's second disk (/dev/vdb) with reconnect-delay, whose
-    server is restarted under the guest's I/O.
+    server is restarted under the guest's I/O;
+  * clone D on 127.0.0.1, served over TLS with a pre-shared key, attached
+    by `aclone attach --tls-psk` with 4 connections (relayed for the
+    kernel), ext4 on it and a server restart under it.
 The guest checks the source's data, makes ext4 on both, writes a file,
 and reports checksums; the host then checks each clone holds exactly that,
 also after a server restart and once hydration is complete.  Twice the
@@ -18,11 +21,12 @@ Skips (exit 77) only when qemu or the kernel package cannot be had.
 """
 import hashlib
 import os
+import secrets
 import subprocess
 import time
 
-from harness import (CLI, CloneTest, PROMPT, free_tcp_port, main,
-                     read_all, sha, status, wait_for, write_random_file)
+from harness import (CLI, PLUGIN, SANITIZER_ENV, CloneTest, PROMPT, free_tcp_port,
+                     main, read_all, sha, status, wait_for, write_random_file)
 import vm
 
 MiB = 1 << 20
@@ -160,6 +164,37 @@ r=$?
 dd if=/tmp/w of=/dev/vdb bs=1M seek=30 conv=fsync 2>/dev/null
 say reconnect-io $r$? $a $(sum < /tmp/b)
 
+# 8. aclone attach over TLS (a pre-shared key; the guest's own copy):
+# 4 connections, each relayed for the kernel, which cannot do TLS; ext4
+# on it, then a server restart under it and the whole device read; then
+# SIGTERM, which detaches it (the relays end with aclone attach).
+printf 'alice:%(key)s\n' > /tmp/k.psk
+tconns() { grep -c "0202000A:$(printf %%04X %(tport)d) 01 " /proc/net/tcp; }
+%(cli)s attach --device /dev/nbd7 --connections 4 --timeout 20 --reconnect 60 \
+    --tls-psk /tmp/k.psk nbds://alice@10.0.2.2:%(tport)d/vol > /tmp/attach7.log 2>&1 &
+tpid=$!
+i=0
+while [ $(tconns) -lt 4 ] && [ $i -lt 80 ]; do sleep 0.25; i=$((i+1)); done
+sleep 1
+say tls-attached $(tconns) $(cat /sys/block/nbd7/size)
+ext4_round /dev/nbd7 tls
+say restart-me 6
+i=0
+while [ $(tconns) -eq 4 ] && [ $i -lt 40 ]; do sleep 0.25; i=$((i+1)); done
+echo 3 > /proc/sys/vm/drop_caches
+dd if=/dev/nbd7 of=/tmp/t bs=1M iflag=direct 2>/dev/null
+r=$?
+i=0
+while [ $(tconns) -lt 4 ] && [ $i -lt 60 ]; do sleep 0.5; i=$((i+1)); done
+say tls-read $r $(sum < /tmp/t) $(tconns)
+# Stopping aclone attach ends the relays: it detaches the device first.
+kill $tpid
+i=0
+while kill -0 $tpid 2>/dev/null && [ $i -lt 40 ]; do sleep 0.25; i=$((i+1)); done
+kill -0 $tpid 2>/dev/null
+say tls-stopped $? $(cat /sys/block/nbd7/size)
+cat /tmp/attach7.log
+
 """
 
 
@@ -200,11 +235,20 @@ class VMTest(CloneTest):
                         hydrate_rate="2M")
         self.assertEqual(status(self.meta_a)["state"], "hydrating")
         self.assertEqual(status(meta_b)["state"], "hydrating")
+        self.dest_d = os.path.join(self.tmp, "d.img")
+        self.meta_d = os.path.join(self.tmp, "d.meta")
+        key = secrets.token_hex(32)
+        self.psk = os.path.join(self.tmp, "keys.psk")
+        with open(os.open(self.psk, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+            f.write("alice:%s\n" % key)
+        self.tport = free_tcp_port()
+        d = self.clone_d(src)
 
         workdir = os.path.join(self.tmp, "vm")
         os.mkdir(workdir)
         try:
-            guest = vm.VM(workdir, GUEST % {"port": port, "cli": "/bin/aclone"},
+            guest = vm.VM(workdir, GUEST % {"port": port, "cli": "/bin/aclone",
+                                            "tport": self.tport, "key": key},
                           extra_bins=[CLI],
                           drives=["file=nbd+unix:///?socket=%s,format=raw,"
                                   "if=virtio,cache=none" % b.sock,
@@ -294,9 +338,28 @@ class VMTest(CloneTest):
             self.assertEqual(rc, "00", guest.console())
             self.assertEqual(sha4, h256(source[4 * MiB:5 * MiB]))
             self.assertEqual(sha20, h256(source[20 * MiB:21 * MiB]))
+            # aclone attach over TLS: relayed, 4 connections, a restart.
+            conns, size = guest.wait_for("tls-attached", 120)
+            self.assertEqual((conns, size), ("4", str(SIZE // 512)), guest.console())
+            tls_file = guest.wait_for("tls-file", 180)[0]
+            tls_dev = guest.wait_for("tls-dev", 180)[0]
+            self.assertEqual(self.nth(guest, "restart-me", 6), "6")
+            d.stop()
+            self.servers.remove(d)
+            d = self.clone_d(src)
+            rc, sha_t, conns = guest.wait_for("tls-read", 180)
+            print("aclone attach over TLS: read after the restart exits %s, "
+                  "%s connections" % (rc, conns))
+            self.assertEqual((rc, sha_t, conns), ("0", tls_dev, "4"), guest.console())
+            # SIGTERM: aclone attach detaches the TLS device (size 0) and
+            # exits.
+            self.assertEqual(guest.wait_for("tls-stopped", 60), ["1", "0"],
+                             guest.console())
             guest.wait_for("end", 60)
             guest.wait_exit(30)
-            print("\n".join(l for l in guest.lines if "/dev/nbd5" in l or "/dev/nbd6" in l))
+            print("\n".join(l for l in guest.lines
+                            if any("/dev/nbd%d" % i in l for i in (5, 6, 7))))
+            self.assertNotIn(key, d.output())
             for key in ("attach-failed", "fs-failed", "insmod-failed"):
                 self.assertIsNone(guest.result(key), guest.console())
         except BaseException:
@@ -307,8 +370,9 @@ class VMTest(CloneTest):
         # after a server restart, and in dest alone once complete.
         for name, meta, dest, dev_sha, file_sha in (
                 ("A", self.meta_a, self.dest_a, nbd_dev, nbd_file),
-                ("B", meta_b, dest_b, vda_dev, vda_file)):
-            server = a if name == "A" else b
+                ("B", meta_b, dest_b, vda_dev, vda_file),
+                ("D", self.meta_d, self.dest_d, tls_dev, tls_file)):
+            server = {"A": a, "B": b, "D": d}[name]
             server.stop()
             self.servers.remove(server)
             c = self.clone(src, name="clone%s2" % name, dest=dest, meta=meta,
@@ -334,6 +398,14 @@ class VMTest(CloneTest):
         with open(dest_c, "rb") as f:
             f.seek(30 * MiB)
             self.assertEqual(h256(f.read(MiB)), wrote[1])
+
+    def clone_d(self, src):
+        """Clone D: served over TLS (a pre-shared key) on TCP."""
+        return self.server("cloneD", ["--tls=require", "--tls-psk=" + self.psk,
+                                      PLUGIN, "source=" + src.uri,
+                                      "dest=" + self.dest_d, "meta=" + self.meta_d,
+                                      "hydrate-rate=2M"],
+                           dict(SANITIZER_ENV), self.tport)
 
     def nth(self, guest, key, n, timeout=120):
         """The first value of the n-th "@@ key" line."""
