@@ -21,13 +21,14 @@ struct aclone_hydrator_config {
   uint64_t floor;              /* progress floor, bytes/s, 0 = default */
   uint64_t batch;              /* bytes per copy request */
   unsigned depth;              /* copies in flight */
-  unsigned connections;        /* async source connections, all workers */
+  unsigned connections;        /* async source connections, all workers;
+                                * 0 = one per worker */
   unsigned workers;            /* copy threads; 0 = one per core, up to 4 */
 };
 
 #define ACLONE_HYDRATOR_DEFAULTS \
   { .start_paused = false, .rate = 0, .batch = 1u << 20, .depth = 32, \
-    .connections = 4, .workers = 0 }
+    .connections = 0, .workers = 0 }
 
 #define ACLONE_HYDRATOR_MAX_DEPTH 1024
 #define ACLONE_HYDRATOR_MAX_WORKERS 64

@@ -70,7 +70,7 @@ static char *dest_path;
 static char *meta_path;
 static uint64_t block_size;
 static bool copy_on_read = true;
-static unsigned source_connections = 4;
+static unsigned source_connections;     /* 0: the defaults below */
 static unsigned source_timeout = 30;
 static char *tls_certificates;
 static char *tls_psk_file;
@@ -101,8 +101,9 @@ enum param_kind { P_URI, P_PATH, P_SIZE, P_BOOL, P_UINT };
      "copy-on-read=BOOL      Reads of uncopied regions also hydrate them\n" \
      "                       (default true).\n") \
   P ("source-connections", P_UINT, &source_connections, 1, 64, \
-     "source-connections=N   Connections to the source (default 4; 1 when the\n" \
-     "                       source lacks multi-conn).\n") \
+     "source-connections=N   Connections to the source (default: 4 for\n" \
+     "                       reads, one per copy thread for hydration; 1\n" \
+     "                       when the source lacks multi-conn).\n") \
   P ("source-timeout", P_UINT, &source_timeout, 1, 86400, \
      "source-timeout=SECS    How long a source read may take, the source\n" \
      "                       lost or hung, before EIO (default 30).\n") \
@@ -521,7 +522,7 @@ aclone_get_ready (void)
   if (source_uri) {
     struct aclone_source_config scfg = {
       .uri = source_uri,
-      .connections = source_connections,
+      .connections = source_connections ? source_connections : 4,
       .timeout_s = source_timeout,
       .tls_certificates = tls_certificates,
       .tls_psk_file = tls_psk_file,
