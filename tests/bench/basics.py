@@ -7,8 +7,8 @@ import statistics
 import subprocess
 import time
 
-from common import (CLI, GiB, MiB, QMP, TiB, clone, drop, procs, random_file, row, settle,
-                    start, status, stop, uri, wait_complete)
+from common import (CLI, GiB, MiB, QMP, TiB, clone, drop, procs, random_file,
+                    read_latencies, row, settle, start, status, stop, uri, wait_complete)
 import nbd  # noqa: E402  (common set the path)
 
 
@@ -228,15 +228,7 @@ def bench_reads(tmp, src_img, size, parts="abc"):
 # 5. p99 of 4 KiB random reads on hydrated regions ---------------------------
 
 def p99(h, span, seconds):
-    rnd = random.Random(3)
-    lat = []
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        off = rnd.randrange(0, span // 4096) * 4096
-        t0 = time.perf_counter()
-        h.pread(4096, off)
-        lat.append(time.perf_counter() - t0)
-    lat.sort()
+    lat = read_latencies(h, span, seconds)
     print("    %d reads: p50 %.3f ms p90 %.3f ms p99 %.3f ms" % (
         len(lat), lat[len(lat) // 2] * 1000, lat[int(len(lat) * 0.9)] * 1000,
         lat[int(len(lat) * 0.99)] * 1000))

@@ -161,3 +161,18 @@ def settle():
 
 def run(cmd, timeout=120, **kw):
     return subprocess.run(cmd, check=True, timeout=timeout, **kw)
+
+
+def read_latencies(h, span, seconds):
+    """4 KiB reads at random offsets of [0, span) through h, one at a time,
+    for `seconds`: their latencies in seconds, sorted."""
+    rnd = random.Random(3)
+    lat = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        off = rnd.randrange(0, span // 4096) * 4096
+        t0 = time.perf_counter()
+        h.pread(4096, off)
+        lat.append(time.perf_counter() - t0)
+    lat.sort()
+    return lat

@@ -3,15 +3,14 @@ read over a shared link, link fill, local contention."""
 import contextlib
 import json
 import os
-import random
 import shutil
 import statistics
 import subprocess
 import sys
 import time
 
-from common import (CLI, GiB, MiB, QMP, clone, drop, procs, random_file, row, run, settle,
-                    start, status, stop, uri)
+from common import (CLI, GiB, MiB, QMP, clone, drop, procs, random_file, read_latencies,
+                    row, run, settle, start, status, stop, uri)
 import nbd  # noqa: E402  (common set the path)
 
 
@@ -379,15 +378,7 @@ def bench_link_fill(tmp, quick):
 # 9. Local contention: p50/p99/p99.9 of hydrated reads, hydrating vs paused -------
 
 def lat_pcts(h, span, seconds):
-    rnd = random.Random(3)
-    lat = []
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        off = rnd.randrange(0, span // 4096) * 4096
-        t0 = time.perf_counter()
-        h.pread(4096, off)
-        lat.append(time.perf_counter() - t0)
-    lat.sort()
+    lat = read_latencies(h, span, seconds)
     return [lat[min(len(lat) - 1, int(len(lat) * q))] * 1000 for q in (0.5, 0.99, 0.999)]
 
 
