@@ -520,10 +520,11 @@ aclone_attach (const struct aclone_attach_config *cfg, struct aclone_error *err)
   unsigned nconn = connection_count (cfg);
 
   if ((cfg->tls_certificates || cfg->tls_psk_file || cfg->tls_no_verify) &&
-      !aclone_source_uri_is_tls (cfg->uri))
-    return aclone_error_set (err, EINVAL, "%s: TLS settings given, but the URI "
-                             "does not ask for TLS (use nbds:// or nbds+unix://)",
-                             cfg->uri);
+      !aclone_source_uri_is_tls (cfg->uri)) {
+    aclone_error_set (err, 0, "%s: TLS settings given, but the URI does not "
+                      "ask for TLS (use nbds:// or nbds+unix://)", cfg->uri);
+    return -EINVAL;
+  }
 
   r = attach_connect (&n, &events, cfg, &index, &size, err);
   if (r < 0)

@@ -322,6 +322,25 @@ nbd_device_index (const char *path)
   return *end || errno || index >= (1ul << 20) ? -1 : (int) index;
 }
 
+/* The TLS options verify and attach share, as libnbd takes them. */
+enum { OPT_TLS_CERTIFICATES = 0x100, OPT_TLS_PSK, OPT_NO_TLS_VERIFY };
+#define TLS_OPTIONS \
+  { "tls-certificates", required_argument, NULL, OPT_TLS_CERTIFICATES }, \
+  { "tls-psk", required_argument, NULL, OPT_TLS_PSK }, \
+  { "no-tls-verify", no_argument, NULL, OPT_NO_TLS_VERIFY }
+
+/* Store TLS option c (with optarg) where it belongs. */
+static void
+tls_option (int c, const char **certificates, const char **psk_file,
+            bool *no_verify)
+{
+  switch (c) {
+  case OPT_TLS_CERTIFICATES: *certificates = optarg; break;
+  case OPT_TLS_PSK: *psk_file = optarg; break;
+  case OPT_NO_TLS_VERIFY: *no_verify = true; break;
+  }
+}
+
 /* "attach [--device /dev/nbdN] [--timeout S] [--reconnect S]
  * [--connections N] [--readonly] [--block-size B] [--tls-...] URI", or
  * "attach --detach /dev/nbdN".
@@ -337,9 +356,7 @@ cmd_attach (int argc, char **argv)
     { "readonly", no_argument, NULL, 'R' },
     { "block-size", required_argument, NULL, 'b' },
     { "detach", required_argument, NULL, 'D' },
-    { "tls-certificates", required_argument, NULL, 'C' },
-    { "tls-psk", required_argument, NULL, 'P' },
-    { "no-tls-verify", no_argument, NULL, 'N' },
+    TLS_OPTIONS,
     { NULL, 0, NULL, 0 } };
   struct aclone_attach_config cfg = { .index = -1, .timeout_s = 60,
                                       .reconnect_s = 120, .connections = 1 };
@@ -366,9 +383,9 @@ cmd_attach (int argc, char **argv)
     case 'R':
       cfg.readonly = true;
       break;
-    case 'C': cfg.tls_certificates = optarg; break;
-    case 'P': cfg.tls_psk_file = optarg; break;
-    case 'N': cfg.tls_no_verify = true; break;
+    case OPT_TLS_CERTIFICATES: case OPT_TLS_PSK: case OPT_NO_TLS_VERIFY:
+      tls_option (c, &cfg.tls_certificates, &cfg.tls_psk_file, &cfg.tls_no_verify);
+      break;
     case 'b':
       if (parse_number ("--block-size", optarg, 4096, &cfg.block_size) < 0)
         return EXIT_USAGE;
@@ -451,9 +468,7 @@ cmd_verify (int argc, char **argv)
     { "json", no_argument, NULL, 'j' },
     { "source", required_argument, NULL, 's' },
     { "dest", required_argument, NULL, 'd' },
-    { "tls-certificates", required_argument, NULL, 'c' },
-    { "tls-psk", required_argument, NULL, 'p' },
-    { "no-tls-verify", no_argument, NULL, 'n' },
+    TLS_OPTIONS,
     { NULL, 0, NULL, 0 } };
   const char *uri = NULL, *dest_path = NULL;
   struct aclone_source_config scfg = { .connections = 1, .timeout_s = 30 };
@@ -465,9 +480,10 @@ cmd_verify (int argc, char **argv)
     case 'j': json = true; break;
     case 's': uri = optarg; break;
     case 'd': dest_path = optarg; break;
-    case 'c': scfg.tls_certificates = optarg; break;
-    case 'p': scfg.tls_psk_file = optarg; break;
-    case 'n': scfg.tls_no_verify = true; break;
+    case OPT_TLS_CERTIFICATES: case OPT_TLS_PSK: case OPT_NO_TLS_VERIFY:
+      tls_option (c, &scfg.tls_certificates, &scfg.tls_psk_file,
+                  &scfg.tls_no_verify);
+      break;
     default: return usage (NULL);
     }
   }
