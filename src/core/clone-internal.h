@@ -184,7 +184,9 @@ void aclone_clone_error (struct aclone_clone *c, const char *fmt, ...)
  * c->hydrator, which it owns.  All lock-free: atomics, advisory.
  */
 
-/* Clients: a request in progress, or one begun within `within` ns. */
+/* Clients: a request in progress, or one begun within `within` ns (a
+ * client at queue depth 1 has nothing in progress between its requests).
+ */
 static inline bool
 aclone_clone_clients_active (struct aclone_clone *c, uint64_t within)
 {

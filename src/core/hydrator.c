@@ -129,7 +129,6 @@ struct worker {
   uint64_t cursor;            /* next region of the sweep */
   uint64_t near, near_left;   /* locality: where and how many batches */
 
-
   /* backoff after failures */
   unsigned long long backoff_ns, resume_at;
 
@@ -227,16 +226,6 @@ paused (struct worker *h)
   return CTL (h, ctl_pause) != 0;
 }
 
-/* Are clients being served: a request in progress, or one that began
- * within the last `within` ns (a client at queue depth 1 has nothing in
- * progress between its requests)?
- */
-static bool
-clients_active (struct worker *h, unsigned long long within)
-{
-  return aclone_clone_clients_active (h->c, within);
-}
-
 /* How many batches this worker may have in flight now: the controller's
  * window (never above the hard depth, hydrate-depth or `aclone set`),
  * split between the workers so that the shares add up to it exactly; a
@@ -254,7 +243,7 @@ depth_limit (struct worker *h)
   struct aclone_hydrator *hy = h->hy;
   uint64_t d = CTL (h, ctl_depth);
   unsigned cap = d ? (unsigned) MIN (d, ACLONE_HYDRATOR_MAX_DEPTH) : h->cfg.depth;
-  bool client = clients_active (h, FG_WINDOW_NS);
+  bool client = aclone_clone_clients_active (h->c, FG_WINDOW_NS);
 
   pthread_mutex_lock (&hy->fg_lock);
   unsigned w = aclone_fgctl_window (&hy->fg, aclone_now_ns (), client, cap);
@@ -337,7 +326,8 @@ succeeded (struct worker *h)
 static bool
 yielding_to_clients (struct worker *h)
 {
-  return clients_active (h, CLIENTS_IDLE_NS) && !atomic_load (&h->hy->floor_boost);
+  return aclone_clone_clients_active (h->c, CLIENTS_IDLE_NS) &&
+         !atomic_load (&h->hy->floor_boost);
 }
 
 static bool
