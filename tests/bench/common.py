@@ -112,7 +112,8 @@ def clone(tmp, name, source_uri, extra=()):
     for p in (dest, meta):
         if os.path.exists(p):
             os.unlink(p)
-    args = [PLUGIN, "dest=" + dest, "meta=" + meta] + list(extra)
+    args = [PLUGIN, "dest=" + dest, "meta=" + meta] + list(extra) + \
+        os.environ.get("ACLONE_BENCH_EXTRA", "").split()
     if source_uri:
         args.append("source=" + source_uri)
     p = start(args, sock, os.path.join(tmp, name + ".pid"))
