@@ -314,6 +314,7 @@ cor_behind (struct aclone_clone *c, uint64_t first, uint64_t count,
 {
   uint64_t b0 = region_start (c, first), len = region_end (c, first + count) - b0;
   bool hydrated;
+  size_t cap;
   char *buf;
   int r;
 
@@ -323,22 +324,22 @@ cor_behind (struct aclone_clone *c, uint64_t first, uint64_t count,
     return 0;
   if (!aclone_writebehind_has_room (c->wb, len))
     return 2;
-  if (!(buf = malloc (len)))
+  if (!(buf = aclone_writebehind_buf (c->wb, len, &cap)))
     return 0;
   atomic_fetch_add (&c->in_flight, len);
   r = source_read (c, buf, len, b0);
   if (r < 0) {
     atomic_fetch_sub (&c->in_flight, len);
-    free (buf);
+    aclone_writebehind_buf_put (c->wb, buf, cap);
     return r;
   }
   memcpy (out, buf + (out_off - b0), out_len);
-  struct aclone_wb_copy w = { first, count, b0, len, buf };
+  struct aclone_wb_copy w = { first, count, b0, len, buf, cap };
   if (!aclone_writebehind_queue (c->wb, &w)) {
     /* Full after all: drop the copy, the hydrator will do it. */
     atomic_fetch_sub (&c->in_flight, len);
     aclone_map_unlock (&c->map, first, count);
-    free (buf);
+    aclone_writebehind_buf_put (c->wb, buf, cap);
   }
   return 1;
 }

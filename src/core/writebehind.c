@@ -1,8 +1,15 @@
 /* aclone: copy-on-read write-behind: a FIFO of copies and the one thread
  * that lands them.  See writebehind.h for the protocol.
  *
- * Locking: wb->lock protects the queue, pending and stopping; the land
- * callback runs without it (it does I/O), on the writer thread only.
+ * Locking: wb->lock protects the queue, pending, stopping and the
+ * spares; the land callback runs without it (it does I/O), on the writer
+ * thread only.
+ *
+ * Spare buffers: sizes are powers of two from 64 KiB (a region's worth;
+ * misses of one client mostly have one size), one free list a size, the
+ * link kept in the buffer itself.  When the misses change size, a miss
+ * that finds no spare of its own and no room evicts one of another size,
+ * so the spares follow the misses.  Stopping frees them all.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -13,6 +20,13 @@
 #include "writebehind.h"
 
 #define WRITER_NICE 10
+#define WB_SPARE_BYTES (8u << 20)      /* spare buffers kept, at most */
+#define SPARE_MIN_SHIFT 16
+#define SPARE_CLASSES 16               /* 64 KiB .. 2 GiB */
+
+struct spare {
+  struct spare *next;
+};
 
 struct item {
   struct aclone_wb_copy w;
@@ -30,6 +44,8 @@ struct aclone_writebehind {
   struct item *head, *tail;
   uint64_t pending;                  /* bytes queued or landing */
   uint64_t queued;                   /* copies queued, cumulative */
+  struct spare *spares[SPARE_CLASSES];
+  size_t spare_bytes;
   bool stopping;
   bool joined;                       /* stop has joined, or is joining */
 };
@@ -58,7 +74,7 @@ writer (void *arg)
       wb->tail = NULL;
     pthread_mutex_unlock (&wb->lock);
     wb->land (wb->opaque, &it->w);
-    free (it->w.buf);
+    aclone_writebehind_buf_put (wb, it->w.buf, it->w.cap);
     pthread_mutex_lock (&wb->lock);
     wb->pending -= it->w.len;
     free (it);
@@ -90,6 +106,94 @@ aclone_writebehind_start (aclone_wb_land_fn land, void *opaque,
   }
   *out = wb;
   return 0;
+}
+
+/* The size class of a len-byte buffer: its size is 1 << (class +
+ * SPARE_MIN_SHIFT).  SPARE_CLASSES for a size no spare is kept of.
+ */
+static unsigned
+spare_class (size_t len)
+{
+  unsigned k = 0;
+
+  while (k < SPARE_CLASSES && ((size_t) 1 << (k + SPARE_MIN_SHIFT)) < len)
+    k++;
+  return k;
+}
+
+static size_t
+class_size (unsigned k)
+{
+  return (size_t) 1 << (k + SPARE_MIN_SHIFT);
+}
+
+/* Take a spare of class k off its list.  Must be called with wb->lock
+ * held.
+ */
+static struct spare *
+spare_pop (struct aclone_writebehind *wb, unsigned k)
+{
+  struct spare *s = wb->spares[k];
+
+  if (s) {
+    wb->spares[k] = s->next;
+    wb->spare_bytes -= class_size (k);
+  }
+  return s;
+}
+
+char *
+aclone_writebehind_buf (struct aclone_writebehind *wb, size_t len, size_t *cap)
+{
+  unsigned k = spare_class (len);
+  struct spare *s, *evicted = NULL;
+
+  if (k == SPARE_CLASSES) {
+    *cap = len;
+    return malloc (len);
+  }
+  *cap = class_size (k);
+  pthread_mutex_lock (&wb->lock);
+  s = spare_pop (wb, k);
+  /* None of this size: make room for it, largest spares first. */
+  for (unsigned j = SPARE_CLASSES; !s && j-- > 0; ) {
+    struct spare *e;
+    while (wb->spare_bytes + *cap > WB_SPARE_BYTES &&
+           (e = spare_pop (wb, j)) != NULL) {
+      e->next = evicted;
+      evicted = e;
+    }
+  }
+  pthread_mutex_unlock (&wb->lock);
+  while (evicted) {
+    struct spare *e = evicted;
+    evicted = e->next;
+    free (e);
+  }
+  return s ? (char *) s : malloc (*cap);
+}
+
+void
+aclone_writebehind_buf_put (struct aclone_writebehind *wb, char *buf,
+                            size_t cap)
+{
+  unsigned k = spare_class (cap);
+  bool kept = false;
+
+  if (!buf)
+    return;
+  pthread_mutex_lock (&wb->lock);
+  if (k < SPARE_CLASSES && cap == class_size (k) && !wb->stopping &&
+      wb->spare_bytes + cap <= WB_SPARE_BYTES) {
+    struct spare *s = (struct spare *) buf;
+    s->next = wb->spares[k];
+    wb->spares[k] = s;
+    wb->spare_bytes += cap;
+    kept = true;
+  }
+  pthread_mutex_unlock (&wb->lock);
+  if (!kept)
+    free (buf);
 }
 
 /* Is there room for len more bytes?  One copy larger than the bound
@@ -153,6 +257,17 @@ aclone_writebehind_pending (struct aclone_writebehind *wb)
   return v;
 }
 
+size_t
+aclone_writebehind_spare_bytes (struct aclone_writebehind *wb)
+{
+  size_t v;
+
+  pthread_mutex_lock (&wb->lock);
+  v = wb->spare_bytes;
+  pthread_mutex_unlock (&wb->lock);
+  return v;
+}
+
 uint64_t
 aclone_writebehind_queued (struct aclone_writebehind *wb)
 {
@@ -162,6 +277,17 @@ aclone_writebehind_queued (struct aclone_writebehind *wb)
   v = wb->queued;
   pthread_mutex_unlock (&wb->lock);
   return v;
+}
+
+/* Free every spare.  Must be called with wb->lock held. */
+static void
+spares_free (struct aclone_writebehind *wb)
+{
+  for (unsigned k = 0; k < SPARE_CLASSES; k++) {
+    struct spare *s;
+    while ((s = spare_pop (wb, k)) != NULL)
+      free (s);
+  }
 }
 
 void
@@ -177,6 +303,9 @@ aclone_writebehind_stop (struct aclone_writebehind *wb)
   pthread_mutex_unlock (&wb->lock);
   if (!joined)
     pthread_join (wb->thread, NULL);
+  pthread_mutex_lock (&wb->lock);
+  spares_free (wb);                  /* none are kept once stopping */
+  pthread_mutex_unlock (&wb->lock);
 }
 
 void

@@ -210,6 +210,69 @@ test_read_copy_on_read_behind (void **state)
 }
 
 static void
+land_nothing (void *opaque, const struct aclone_wb_copy *w)
+{
+  (void) opaque;
+  (void) w;
+}
+
+/* A landed copy's buffer is the next miss's, a size class a list (powers
+ * of two from 64 KiB); spares are kept up to 8 MiB, the rest freed; a
+ * miss of a new size evicts a spare of another when there is no room; a
+ * buffer given back with a size no class has is not kept; a stopped
+ * write-behind keeps none.
+ */
+static void
+test_writebehind_spares (void **state)
+{
+  struct aclone_writebehind *wb;
+  size_t cap, cap2;
+  char *bufs[9];
+
+  (void) state;
+  assert_int_equal (aclone_writebehind_start (land_nothing, NULL, 32 << 20, &wb), 0);
+  char *a = aclone_writebehind_buf (wb, 100000, &cap);
+  assert_non_null (a);
+  assert_int_equal (cap, 128 << 10);
+  struct aclone_wb_copy w = { 0, 1, 0, 100000, a, cap };
+  assert_true (aclone_writebehind_queue (wb, &w));
+  for (int i = 0; i < 2000 && aclone_writebehind_pending (wb) > 0; i++)
+    usleep (1000);
+  assert_int_equal (aclone_writebehind_pending (wb), 0);
+  assert_int_equal (aclone_writebehind_spare_bytes (wb), 128 << 10);
+  char *b = aclone_writebehind_buf (wb, 64 << 10, &cap2);   /* another size */
+  assert_int_equal (cap2, 64 << 10);
+  assert_ptr_not_equal (b, a);
+  assert_ptr_equal (aclone_writebehind_buf (wb, 128 << 10, &cap), a);
+  assert_int_equal (aclone_writebehind_spare_bytes (wb), 0);
+  aclone_writebehind_buf_put (wb, a, cap);
+  aclone_writebehind_buf_put (wb, b, cap2);
+  assert_int_equal (aclone_writebehind_spare_bytes (wb), 192 << 10);
+
+  for (int i = 0; i < 9; i++)
+    bufs[i] = aclone_writebehind_buf (wb, 1 << 20, &cap);
+  for (int i = 0; i < 9; i++)
+    aclone_writebehind_buf_put (wb, bufs[i], cap);
+  assert_int_equal (aclone_writebehind_spare_bytes (wb),
+                    (192 << 10) + 7 * (1 << 20));
+  /* 2 MiB: no spare of that size and no room: two 1 MiB ones go. */
+  char *big = aclone_writebehind_buf (wb, 2 << 20, &cap);
+  assert_int_equal (aclone_writebehind_spare_bytes (wb),
+                    (192 << 10) + 5 * (1 << 20));
+  aclone_writebehind_buf_put (wb, big, cap);
+  assert_int_equal (aclone_writebehind_spare_bytes (wb),
+                    (192 << 10) + 7 * (1 << 20));
+  aclone_writebehind_buf_put (wb, malloc (100000), 100000);    /* not kept */
+  assert_int_equal (aclone_writebehind_spare_bytes (wb),
+                    (192 << 10) + 7 * (1 << 20));
+  aclone_writebehind_stop (wb);
+  assert_int_equal (aclone_writebehind_spare_bytes (wb), 0);
+  aclone_writebehind_buf_put (wb, aclone_writebehind_buf (wb, 1 << 20, &cap), cap);
+  assert_int_equal (aclone_writebehind_spare_bytes (wb), 0);
+  aclone_writebehind_free (wb);
+}
+
+static void
 test_read_without_copy (void **state)
 {
   struct fx *f = *state;
@@ -972,6 +1035,7 @@ main (void)
     T (test_read_copy_on_read),
     T (test_read_copy_on_read_dest_fails),
     T (test_read_copy_on_read_behind),
+    T (test_writebehind_spares),
     T (test_read_without_copy),
     T (test_write_whole_regions_no_copy),
     T (test_write_partial_rmw),
