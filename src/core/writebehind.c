@@ -45,7 +45,7 @@ struct aclone_writebehind {
   uint64_t pending;                  /* bytes queued or landing */
   uint64_t queued;                   /* copies queued, cumulative */
   struct spare *spares[SPARE_CLASSES];
-  size_t spare_bytes;
+  uint64_t spare_bytes;
   bool stopping;
   bool joined;                       /* stop has joined, or is joining */
 };
@@ -246,37 +246,34 @@ aclone_writebehind_has_room (struct aclone_writebehind *wb, size_t len)
   return room;
 }
 
-uint64_t
-aclone_writebehind_pending (struct aclone_writebehind *wb)
+/* One of wb's counters, read under wb->lock. */
+static uint64_t
+locked_read (struct aclone_writebehind *wb, const uint64_t *field)
 {
   uint64_t v;
 
   pthread_mutex_lock (&wb->lock);
-  v = wb->pending;
+  v = *field;
   pthread_mutex_unlock (&wb->lock);
   return v;
 }
 
-size_t
+uint64_t
+aclone_writebehind_pending (struct aclone_writebehind *wb)
+{
+  return locked_read (wb, &wb->pending);
+}
+
+uint64_t
 aclone_writebehind_spare_bytes (struct aclone_writebehind *wb)
 {
-  size_t v;
-
-  pthread_mutex_lock (&wb->lock);
-  v = wb->spare_bytes;
-  pthread_mutex_unlock (&wb->lock);
-  return v;
+  return locked_read (wb, &wb->spare_bytes);
 }
 
 uint64_t
 aclone_writebehind_queued (struct aclone_writebehind *wb)
 {
-  uint64_t v;
-
-  pthread_mutex_lock (&wb->lock);
-  v = wb->queued;
-  pthread_mutex_unlock (&wb->lock);
-  return v;
+  return locked_read (wb, &wb->queued);
 }
 
 /* Free every spare.  Must be called with wb->lock held. */

@@ -85,7 +85,7 @@ void aclone_writebehind_buf_put (struct aclone_writebehind *wb, char *buf,
 bool aclone_writebehind_has_room (struct aclone_writebehind *wb, size_t len);
 
 /* Bytes of spare buffers kept now. */
-size_t aclone_writebehind_spare_bytes (struct aclone_writebehind *wb);
+uint64_t aclone_writebehind_spare_bytes (struct aclone_writebehind *wb);
 
 /* Bytes queued and not landed yet; copies queued since start. */
 uint64_t aclone_writebehind_pending (struct aclone_writebehind *wb);
