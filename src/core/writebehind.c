@@ -108,23 +108,23 @@ aclone_writebehind_start (aclone_wb_land_fn land, void *opaque,
   return 0;
 }
 
-/* The size class of a len-byte buffer: its size is 1 << (class +
- * SPARE_MIN_SHIFT).  SPARE_CLASSES for a size no spare is kept of.
+static size_t
+class_size (unsigned k)
+{
+  return (size_t) 1 << (k + SPARE_MIN_SHIFT);
+}
+
+/* The size class of a len-byte buffer, the smallest whose class_size
+ * holds it; SPARE_CLASSES for a size no spare is kept of.
  */
 static unsigned
 spare_class (size_t len)
 {
   unsigned k = 0;
 
-  while (k < SPARE_CLASSES && ((size_t) 1 << (k + SPARE_MIN_SHIFT)) < len)
+  while (k < SPARE_CLASSES && class_size (k) < len)
     k++;
   return k;
-}
-
-static size_t
-class_size (unsigned k)
-{
-  return (size_t) 1 << (k + SPARE_MIN_SHIFT);
 }
 
 /* Take a spare of class k off its list.  Must be called with wb->lock
