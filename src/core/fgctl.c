@@ -131,6 +131,14 @@ aclone_fgctl_window (struct aclone_fgctl *f, unsigned long long now,
   return (unsigned) f->window;
 }
 
+uint64_t
+aclone_fgctl_inflight_cap (const struct aclone_fgctl *f)
+{
+  double bdp = (double) f->rate * aclone_fgctl_base (f) / 1e9;
+
+  return MAX ((uint64_t) (2 * bdp), (uint64_t) ACLONE_FGCTL_INFLIGHT_MIN);
+}
+
 bool
 aclone_fgctl_second (struct aclone_fgctl *f, uint64_t rate, uint64_t floor,
                      bool could_run)

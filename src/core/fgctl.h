@@ -21,6 +21,10 @@
  *   - a client request in progress is the strongest signal: the window
  *     is halved, at most once per current latency (10 ms at least),
  *     down to one batch;
+ *   - the bytes in flight are capped at twice the path's bandwidth-delay
+ *     product, and at least a few MiB (aclone_fgctl_inflight_cap): on a
+ *     local source the window would otherwise grow to the hard depth,
+ *     tens of MiB of buffers that copy no faster;
  *   - a progress floor keeps a busy machine's clone moving: while the
  *     copy rate of the last second is below the floor, client cuts are
  *     suspended and the caller is told to stop idling its threads.
@@ -44,6 +48,8 @@
 #define ACLONE_FGCTL_TARGET_MIN_NS  5000000ull   /* 5 ms of queuing delay */
 #define ACLONE_FGCTL_CUT_MIN_NS    10000000ull   /* client cuts: 10 ms apart */
 #define ACLONE_FGCTL_START_WINDOW   4
+#define ACLONE_FGCTL_INFLIGHT_MIN  (4u << 20)    /* bytes in flight, floor */
+#define ACLONE_FGCTL_INFLIGHT_BATCHES 16         /* batches the bytes make */
 
 struct aclone_fgctl {
   double window;                   /* batches; 1 <= window <= cap */
@@ -85,6 +91,15 @@ unsigned aclone_fgctl_window (struct aclone_fgctl *f, unsigned long long now,
  */
 bool aclone_fgctl_second (struct aclone_fgctl *f, uint64_t rate,
                           uint64_t floor, bool could_run);
+
+/* The most bytes hydration should have in flight: twice the path's
+ * bandwidth-delay product (the copy rate of the last seconds times the
+ * base latency), but at least ACLONE_FGCTL_INFLIGHT_MIN.  Beyond that,
+ * more in flight only queues: the copy gets no faster, and the buffers
+ * are memory a large clone cannot spare.  The rate follows what is in
+ * flight, so on a long path the cap doubles while the rate keeps up.
+ */
+uint64_t aclone_fgctl_inflight_cap (const struct aclone_fgctl *f);
 
 /* Base and current latency in ns (0: no sample yet). */
 uint64_t aclone_fgctl_base (const struct aclone_fgctl *f);

@@ -229,26 +229,45 @@ paused (struct worker *h)
 /* How many batches this worker may have in flight now: the controller's
  * window (never above the hard depth, hydrate-depth or `aclone set`),
  * split between the workers so that the shares add up to it exactly; a
- * window below the number of workers leaves some of them idle.  While
- * clients are active, batches are also half their size, so that a
- * client's miss queues behind less of them on a shared link.  Not less:
- * after a miss the hydrator copies what follows it, which a client
- * reading on then finds local (tests/bench/run --only 7, reading a tree
- * over a 200 Mbit/s link: 1.14x the time without hydration with halves,
- * 1.19x with quarters, 1.38x with sixteenths).
+ * window below the number of workers leaves some of them idle.  Also
+ * sets this turn's batch size (pick_regions):
+ *
+ *   - without clients, the bytes in flight are capped at twice the
+ *     path's bandwidth-delay product, at least 4 MiB
+ *     (aclone_fgctl_inflight_cap), in batches of a sixteenth of that (at
+ *     most hydrate-batch): a local source's window would otherwise grow
+ *     to 32 batches of 1 MiB that copy no faster (an idle 2 GiB clone,
+ *     tests/bench/run --only 11: 32 x 1 MiB 3.2-3.8 s, 16 x 256 KiB
+ *     2.9-3.2 s, 8 x 1 MiB 3.5-3.7 s, nbdcopy 2.6-3.5 s), and a 1 TiB
+ *     clone's buffers would be five times its map;
+ *   - while clients are active, batches are half of hydrate-batch, so
+ *     that a client's miss queues behind less of them on a shared link.
+ *     Not less: after a miss the hydrator copies what follows it, which
+ *     a client reading on then finds local (tests/bench/run --only 7,
+ *     reading a tree over a 200 Mbit/s link: 1.14x the time without
+ *     hydration with halves, 1.19x with quarters, 1.38x with sixteenths).
  */
 static unsigned
 depth_limit (struct worker *h)
 {
   struct aclone_hydrator *hy = h->hy;
+  unsigned shift = h->c->map.shift;
   uint64_t d = CTL (h, ctl_depth);
   unsigned cap = d ? (unsigned) MIN (d, ACLONE_HYDRATOR_MAX_DEPTH) : h->cfg.depth;
   bool client = aclone_clone_clients_active (h->c, FG_WINDOW_NS);
+  uint64_t pick;
 
   pthread_mutex_lock (&hy->fg_lock);
+  uint64_t bytes = aclone_fgctl_inflight_cap (&hy->fg);
+  if (client)
+    pick = MAX (h->batch_regions / 2, 1u);
+  else
+    pick = MIN (h->batch_regions,
+                MAX ((bytes / ACLONE_FGCTL_INFLIGHT_BATCHES) >> shift, 1u));
+  cap = (unsigned) MIN (cap, MAX (bytes / (pick << shift), 1u));
   unsigned w = aclone_fgctl_window (&hy->fg, aclone_now_ns (), client, cap);
   pthread_mutex_unlock (&hy->fg_lock);
-  h->pick_regions = client ? MAX (h->batch_regions / 2, 1u) : h->batch_regions;
+  h->pick_regions = pick;
   return w / hy->n + (h->id < w % hy->n);
 }
 
@@ -681,8 +700,10 @@ read_done (void *opaque, int *error)
  * back to the system at once (malloc keeps what it once had), and are
  * kept while the window uses them: each second, buffers beyond the most
  * batches in flight during that second (plus SPARE_BUFS) are unmapped
- * (trim_bufs).  Memory follows the window: a 1 TiB clone's whole map is
- * 2 MiB, a window of 1 MiB batches could be 32 MiB.
+ * (trim_bufs).  Memory follows the window, whose bytes depth_limit caps:
+ * a 1 TiB clone's whole map is 2 MiB, a window of 32 batches of 1 MiB
+ * would be 32 MiB.  Only the pages a batch used are resident: a buffer
+ * is hydrate-batch long, the batches picked without clients shorter.
  */
 static char *
 buf_alloc (struct worker *h)
@@ -1226,6 +1247,12 @@ run_ring (struct worker *h)
   aclone_clone_log (h->c, 0, "hydrator %u: %llu turns, %llu completions",
                     h->id, loops, cqes);
   ring_drain (h);
+  /* Nothing of the sweep is left in flight: its buffers go back now,
+   * not when the server stops (a complete clone keeps no copy memory).
+   */
+  if (h->inflight == 0)
+    for (unsigned i = 0; i < h->nbatches; i++)
+      buf_free (h, &h->batches[i]);
 }
 
 /* The worker ------------------------------------------------------------ */

@@ -503,10 +503,11 @@ bitmap_writeback (struct aclone_meta *m, uint64_t *bm, uint64_t lo, uint64_t hi,
   return 0;
 }
 
-/* Words a commit sets before it writes them back: 2 MiB of bitmap, so
- * that a commit of a whole 15 TiB clone never holds more resident.
+/* Words a commit sets before it writes them back: 256 KiB of bitmap, so
+ * that a commit of a whole clone (a zero scan marks most of a sparse
+ * one) never holds more resident: a 1 TiB clone's bitmap is 2 MiB.
  */
-#define COMMIT_CHUNK_WORDS (256u * 1024)
+#define COMMIT_CHUNK_WORDS (32u * 1024)
 
 int
 aclone_meta_commit_bits (struct aclone_meta *m, int which,

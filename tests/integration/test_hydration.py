@@ -224,6 +224,37 @@ class HydrationTest(CloneTest):
         self.assertLessEqual(peak3, 3, "depth 3 let %d reads run at once" % peak3)
         self.assertEqual(peak_reads(log)[0], 8, "never more than depth 8")
 
+    def test_window_bytes_capped_on_a_near_source(self):
+        """On a near source (twice the bandwidth-delay product below
+        4 MiB) hydration keeps at most 4 MiB in flight, in batches of
+        256 KiB: a window of 1 MiB batches would grow towards the hard
+        depth, 32 MiB of buffers that copy no faster.  (The rate limit
+        keeps the copy short of the disk; the window still grows, one
+        batch per window of reads.)"""
+        src = self.server("source", ["pattern", "size=1G"])
+        self.clone(src, hydrate_rate="64M")
+        wait_for(lambda: status(self.meta)["bytes_copied"] > 0, 30, "a copy")
+        peak, end = 0, time.monotonic() + 3
+        while time.monotonic() < end:
+            peak = max(peak, status(self.meta)["foreground"]["window"])
+            time.sleep(0.02)
+        st = status(self.meta)
+        self.assertEqual(st["state"], "hydrating")
+        self.assertGreater(st["bytes_copied"], 32 * MiB, "too few reads to judge")
+        self.assertGreater(peak, 0)
+        self.assertLessEqual(peak, 4 * MiB, "window %d bytes on a near source" % peak)
+
+    def test_window_bytes_follow_a_far_source(self):
+        """On a far source (each read 100 ms) 4 MiB in flight would hold
+        the copy at 40 MB/s: the cap follows twice the bandwidth-delay
+        product, so the window grows past 4 MiB, up to the hard depth."""
+        src = self.server("source", ["--filter=delay", "pattern", "size=4G",
+                                     "rdelay=100ms"])
+        self.clone(src, hydrate_depth="32")
+        wait_for(lambda: status(self.meta)["foreground"]["window"] > 4 * MiB, 30,
+                 "the window to grow past 4 MiB")
+        self.assertLessEqual(status(self.meta)["foreground"]["window"], 32 * MiB)
+
     def test_locality_after_read_miss(self):
         """After a read miss, the regions that follow it are copied next:
         at 2M/s, the sweep would reach them only after about 36 s (the

@@ -151,6 +151,31 @@ test_floor (void **state)
   assert_int_equal (f.reason, ACLONE_FG_CLIENT);
 }
 
+/* The bytes in flight: at least 4 MiB; twice the bandwidth-delay
+ * product (copy rate times base latency) once that is larger.
+ */
+static void
+test_inflight_cap (void **state)
+{
+  struct aclone_fgctl f;
+  unsigned long long now = 1000 * MS;
+
+  aclone_fgctl_init (&f, 32, BATCH, now);
+  assert_int_equal (aclone_fgctl_inflight_cap (&f), ACLONE_FGCTL_INFLIGHT_MIN);
+  /* Near: 1 GB/s at 0.5 ms is 1 MB; twice that is under the floor. */
+  reads (&f, &now, 10, MS / 2, MS, 32);
+  aclone_fgctl_second (&f, 1000000000, 0, true);
+  assert_int_equal (aclone_fgctl_inflight_cap (&f), ACLONE_FGCTL_INFLIGHT_MIN);
+  /* Far: 100 MB/s at 100 ms is 10 MB; 20 MB in flight. */
+  aclone_fgctl_init (&f, 32, BATCH, now);
+  reads (&f, &now, 10, 100 * MS, MS, 32);
+  aclone_fgctl_second (&f, 100000000, 0, true);
+  assert_int_equal (aclone_fgctl_inflight_cap (&f), 20000000);
+  /* No rate yet (a stalled copy): the floor. */
+  aclone_fgctl_second (&f, 0, 0, true);
+  assert_int_equal (aclone_fgctl_inflight_cap (&f), ACLONE_FGCTL_INFLIGHT_MIN);
+}
+
 int
 main (void)
 {
@@ -160,6 +185,7 @@ main (void)
     cmocka_unit_test (test_latency_shrinks),
     cmocka_unit_test (test_base_history),
     cmocka_unit_test (test_floor),
+    cmocka_unit_test (test_inflight_cap),
   };
   return cmocka_run_group_tests (tests, NULL, NULL);
 }
