@@ -88,13 +88,14 @@ enum aclone_fg_reason {
   ACLONE_FG_CLIENT = 2,          /* cut: client requests in progress */
   ACLONE_FG_LATENCY = 3,         /* cut: the source's latency rose */
   ACLONE_FG_FLOOR = 4,           /* below the progress floor: no cuts */
+  ACLONE_FG_INFLIGHT = 5,        /* at the cap on bytes in flight */
 };
 
 static inline const char *
 aclone_fg_reason_name (uint64_t r)
 {
   static const char *const names[] = { "open", "depth", "client",
-                                       "latency", "floor" };
+                                       "latency", "floor", "inflight" };
   return r < sizeof names / sizeof names[0] ? names[r] : "unknown";
 }
 

@@ -99,7 +99,8 @@ aclone_fgctl_sample (struct aclone_fgctl *f, unsigned long long now,
   else if (f->reason != ACLONE_FG_CLIENT || f->boost) {
     /* Room: about one more batch per window of reads. */
     f->window += off / f->window;
-    f->reason = f->window >= f->cap ? ACLONE_FG_DEPTH : ACLONE_FG_OPEN;
+    f->reason = f->window < f->cap ? ACLONE_FG_OPEN
+                : f->by_bytes ? ACLONE_FG_INFLIGHT : ACLONE_FG_DEPTH;
   }
   f->window = MAX (1.0, MIN (f->window, (double) f->cap));
 }
@@ -127,7 +128,7 @@ aclone_fgctl_window (struct aclone_fgctl *f, unsigned long long now,
     f->reason = ACLONE_FG_OPEN;          /* the next read decides */
   f->window = MAX (1.0, MIN (f->window, (double) f->cap));
   if (f->reason == ACLONE_FG_OPEN && f->window >= f->cap)
-    f->reason = ACLONE_FG_DEPTH;
+    f->reason = f->by_bytes ? ACLONE_FG_INFLIGHT : ACLONE_FG_DEPTH;
   return (unsigned) f->window;
 }
 

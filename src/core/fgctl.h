@@ -64,6 +64,7 @@ struct aclone_fgctl {
   unsigned long long last_cut;     /* last cut for a client or delay */
   enum aclone_fg_reason reason;
   bool boost;                      /* below the floor */
+  bool by_bytes;                   /* the caller's cap is the bytes' */
   uint64_t client_cuts;            /* how many, cumulative */
 };
 
@@ -79,7 +80,8 @@ void aclone_fgctl_sample (struct aclone_fgctl *f, unsigned long long now,
 
 /* The window, in batches (1 to cap), now.  client: a client request is
  * in progress (or began within the last few milliseconds).  cap: the
- * hard depth.
+ * hard depth, or fewer batches when the bytes in flight bind (the caller
+ * then sets by_bytes, which the reason shows).
  */
 unsigned aclone_fgctl_window (struct aclone_fgctl *f, unsigned long long now,
                               bool client, unsigned cap);
@@ -96,8 +98,9 @@ bool aclone_fgctl_second (struct aclone_fgctl *f, uint64_t rate,
  * bandwidth-delay product (the copy rate of the last seconds times the
  * base latency), but at least ACLONE_FGCTL_INFLIGHT_MIN.  Beyond that,
  * more in flight only queues: the copy gets no faster, and the buffers
- * are memory a large clone cannot spare.  The rate follows what is in
- * flight, so on a long path the cap doubles while the rate keeps up.
+ * are memory a large clone cannot spare.  The rate (smoothed over a
+ * few seconds) follows what is in flight, so on a long path the cap
+ * grows, by about a quarter a second, while the rate keeps up.
  */
 uint64_t aclone_fgctl_inflight_cap (const struct aclone_fgctl *f);
 

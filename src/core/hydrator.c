@@ -98,6 +98,7 @@ struct batch {
   int error;                  /* errno of the read */
   unsigned *read_done;        /* the hydrator's B_READ_DONE count */
   char *buf;
+  size_t resident;            /* bytes of buf touched, page-rounded */
 };
 
 struct conn {
@@ -232,14 +233,18 @@ paused (struct worker *h)
  * window below the number of workers leaves some of them idle.  Also
  * sets this turn's batch size (pick_regions):
  *
- *   - without clients, the bytes in flight are capped at twice the
- *     path's bandwidth-delay product, at least 4 MiB
- *     (aclone_fgctl_inflight_cap), in batches of a sixteenth of that (at
- *     most hydrate-batch): a local source's window would otherwise grow
+ *   - the bytes in flight are capped at twice the path's bandwidth-delay
+ *     product, at least 4 MiB (aclone_fgctl_inflight_cap), but never
+ *     below ACLONE_FGCTL_START_WINDOW batches (regions of 4 MiB and more
+ *     would otherwise leave one batch, read and write in turn, and the
+ *     other workers idle): a local source's window would otherwise grow
  *     to 32 batches of 1 MiB that copy no faster (an idle 2 GiB clone,
  *     tests/bench/run --only 11: 32 x 1 MiB 3.2-3.8 s, 16 x 256 KiB
  *     2.9-3.2 s, 8 x 1 MiB 3.5-3.7 s, nbdcopy 2.6-3.5 s), and a 1 TiB
  *     clone's buffers would be five times its map;
+ *   - without clients, batches are a sixteenth of that cap, at most
+ *     hydrate-batch, so that the window still holds enough of them to
+ *     keep reads and writes overlapping;
  *   - while clients are active, batches are half of hydrate-batch, so
  *     that a client's miss queues behind less of them on a shared link.
  *     Not less: after a miss the hydrator copies what follows it, which
@@ -264,7 +269,9 @@ depth_limit (struct worker *h)
   else
     pick = MIN (h->batch_regions,
                 MAX ((bytes / ACLONE_FGCTL_INFLIGHT_BATCHES) >> shift, 1u));
-  cap = (unsigned) MIN (cap, MAX (bytes / (pick << shift), 1u));
+  uint64_t fit = MAX (bytes / (pick << shift), (uint64_t) ACLONE_FGCTL_START_WINDOW);
+  hy->fg.by_bytes = fit < cap;
+  cap = (unsigned) MIN (cap, fit);
   unsigned w = aclone_fgctl_window (&hy->fg, aclone_now_ns (), client, cap);
   pthread_mutex_unlock (&hy->fg_lock);
   h->pick_regions = pick;
@@ -702,9 +709,20 @@ read_done (void *opaque, int *error)
  * batches in flight during that second (plus SPARE_BUFS) are unmapped
  * (trim_bufs).  Memory follows the window, whose bytes depth_limit caps:
  * a 1 TiB clone's whole map is 2 MiB, a window of 32 batches of 1 MiB
- * would be 32 MiB.  Only the pages a batch used are resident: a buffer
- * is hydrate-batch long, the batches picked without clients shorter.
+ * would be 32 MiB.  A buffer is hydrate-batch long, but only the pages
+ * its batches used are resident; when batches shrink (a client went
+ * away), trim_bufs gives back the pages beyond the current batch size.
  */
+/* The page-rounded bytes of a buffer a read of len bytes may touch. */
+static size_t
+buf_need (struct worker *h, uint64_t len)
+{
+  uint64_t n = len + (h->min_block > 1 ? 2 * h->min_block : 0);
+
+  n = (n + ACLONE_PAGE - 1) & ~(uint64_t) (ACLONE_PAGE - 1);
+  return MIN (n, h->buf_len);
+}
+
 static char *
 buf_alloc (struct worker *h)
 {
@@ -722,6 +740,7 @@ buf_free (struct worker *h, struct batch *b)
   if (b->buf) {
     munmap (b->buf, h->buf_len);
     b->buf = NULL;
+    b->resident = 0;
     h->nbufs--;
   }
 }
@@ -739,6 +758,17 @@ trim_bufs (struct worker *h)
   for (unsigned i = 0; i < h->nbatches && h->nbufs > h->inflight_peak + SPARE_BUFS; i++)
     if (h->batches[i].state == B_FREE)
       buf_free (h, &h->batches[i]);
+  /* Once a second, not at each batch: batches change size each time
+   * clients come and go, and a page given back is a fault to take again.
+   */
+  size_t want = buf_need (h, h->pick_regions << h->c->map.shift);
+  for (unsigned i = 0; i < h->nbatches; i++) {
+    struct batch *b = &h->batches[i];
+    if (b->state == B_FREE && b->buf && b->resident > want) {
+      madvise (b->buf + want, b->resident - want, MADV_DONTNEED);
+      b->resident = want;
+    }
+  }
   h->trim_time = now;
   h->inflight_peak = h->inflight;
 }
@@ -1171,6 +1201,7 @@ start_batches (struct worker *h)
       aclone_map_unlock (&h->c->map, b->first, b->lock_n);
       break;
     }
+    b->resident = MAX (b->resident, buf_need (h, b->rlen));
     rate_charge (h, b->len);
     aclone_clone_copy_begins (h->c, b->len);
     h->inflight++;

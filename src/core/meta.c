@@ -483,31 +483,39 @@ aclone_meta_set_flags (struct aclone_meta *m, uint32_t flags,
   return 0;
 }
 
-/* Write back bitmap words [lo, hi] of bm (msync), then unmap their pages
- * from this process, keeping them in the page cache: MADV_DONTNEED on a
- * shared file mapping drops no data, and a page dirtied meanwhile (by
- * aclone_meta_written_ahead) stays dirty in the cache.  So a commit leaves
- * no resident bitmap pages behind, 30 MiB at 15 TiB.
- */
-static int
-bitmap_writeback (struct aclone_meta *m, uint64_t *bm, uint64_t lo, uint64_t hi,
-                  struct aclone_error *err)
+/* The page-aligned span of bitmap words [lo, hi] of bm. */
+static void
+bitmap_span (uint64_t *bm, uint64_t lo, uint64_t hi, uintptr_t *start, size_t *len)
 {
-  uintptr_t start = (uintptr_t) &bm[lo] & ~(uintptr_t) (ACLONE_PAGE - 1);
-  uintptr_t stop = ((uintptr_t) &bm[hi] + 8 + ACLONE_PAGE - 1)
-                   & ~(uintptr_t) (ACLONE_PAGE - 1);
+  uintptr_t a = (uintptr_t) &bm[lo] & ~(uintptr_t) (ACLONE_PAGE - 1);
+  uintptr_t b = ((uintptr_t) &bm[hi] + 8 + ACLONE_PAGE - 1)
+                & ~(uintptr_t) (ACLONE_PAGE - 1);
 
-  if (msync ((void *) start, stop - start, MS_SYNC) < 0)
-    return aclone_error_set (err, errno, "%s: msync bitmap", m->path);
-  madvise ((void *) start, stop - start, MADV_DONTNEED);
-  return 0;
+  *start = a;
+  *len = b - a;
 }
 
-/* Words a commit sets before it writes them back: 256 KiB of bitmap, so
- * that a commit of a whole clone (a zero scan marks most of a sparse
- * one) never holds more resident: a 1 TiB clone's bitmap is 2 MiB.
+/* Unmap the pages of words [lo, hi] from this process, keeping them in
+ * the page cache: MADV_DONTNEED on a shared file mapping drops no data
+ * (a dirty page table entry leaves its page dirty in the cache), and a
+ * page dirtied meanwhile (by aclone_meta_written_ahead) stays dirty.
  */
-#define COMMIT_CHUNK_WORDS (32u * 1024)
+static void
+bitmap_drop (uint64_t *bm, uint64_t lo, uint64_t hi)
+{
+  uintptr_t start;
+  size_t len;
+
+  bitmap_span (bm, lo, hi, &start, &len);
+  madvise ((void *) start, len, MADV_DONTNEED);
+}
+
+/* Pages of bitmap a commit touches before it drops them: 256 KiB, so
+ * that a commit of a whole clone (a zero scan marks most of a sparse
+ * one) never holds more of the bitmap resident, however the words it
+ * sets are spread (a 1 TiB clone's bitmap is 2 MiB, 15 TiB's 30 MiB).
+ */
+#define COMMIT_CHUNK_PAGES 64u
 
 int
 aclone_meta_commit_bits (struct aclone_meta *m, int which,
@@ -516,30 +524,50 @@ aclone_meta_commit_bits (struct aclone_meta *m, int which,
 {
   uint64_t *bm = which ? m->written : m->hydrated;
   uint64_t nwords = m->hdr.bitmap_len / 8;
-  uint64_t lo = UINT64_MAX, hi = 0, set = 0;
+  const uint64_t page_words = ACLONE_PAGE / 8;
+  uint64_t lo = UINT64_MAX, hi = 0;          /* the whole commit's span */
+  uint64_t chunk_lo = 0, last_page = UINT64_MAX;
+  unsigned pages = 0;
 
   for (size_t i = 0; i < n; i++)
     if (v[i].index + v[i].count > nwords || v[i].count == 0)
       return aclone_error_set (err, ERANGE, "%s: bitmap index", m->path);
-  /* Entries come in index order (aclone_map_take_dirty); the pages of one
-   * span are written back together: the kernel writes only the dirty
-   * pages in it, so a sparse span costs no more than its pages.
+  if (n == 0)
+    return 0;
+  /* 1. Set the bits, dropping the pages every COMMIT_CHUNK_PAGES; they
+   * stay dirty in the page cache.  Entries come in index order
+   * (aclone_map_take_dirty), so pages are met in order.
    */
   for (size_t i = 0; i < n; i++) {
     for (uint64_t k = v[i].index; k < v[i].index + v[i].count; k++) {
+      if (k / page_words != last_page) {
+        if (pages == COMMIT_CHUNK_PAGES) {
+          bitmap_drop (bm, chunk_lo, k - 1);
+          pages = 0;
+        }
+        if (pages == 0)
+          chunk_lo = k;
+        last_page = k / page_words;
+        pages++;
+      }
       /* htole64 permutes bits, so it commutes with OR. */
       __atomic_fetch_or (&bm[k], htole64 (v[i].value), __ATOMIC_RELAXED);
       lo = MIN (lo, k);
       hi = MAX (hi, k);
-      if (++set == COMMIT_CHUNK_WORDS) {
-        int r = bitmap_writeback (m, bm, lo, hi, err);
-        if (r < 0)
-          return r;
-        lo = UINT64_MAX, hi = 0, set = 0;
-      }
     }
   }
-  return set ? bitmap_writeback (m, bm, lo, hi, err) : 0;
+  /* 2. Write the whole span back at once (msync writes the file's dirty
+   * pages in the range, mapped or not: the kernel writes only the dirty
+   * ones, so a sparse span costs no more than its pages), then drop the
+   * last chunk.
+   */
+  uintptr_t start;
+  size_t len;
+  bitmap_span (bm, lo, hi, &start, &len);
+  if (msync ((void *) start, len, MS_SYNC) < 0)
+    return aclone_error_set (err, errno, "%s: msync bitmap", m->path);
+  bitmap_drop (bm, chunk_lo, hi);
+  return 0;
 }
 
 uint64_t

@@ -243,6 +243,8 @@ class HydrationTest(CloneTest):
         self.assertGreater(st["bytes_copied"], 32 * MiB, "too few reads to judge")
         self.assertGreater(peak, 0)
         self.assertLessEqual(peak, 4 * MiB, "window %d bytes on a near source" % peak)
+        wait_for(lambda: status(self.meta)["foreground"]["limited_by"] == "inflight",
+                 30, "status to say the bytes in flight bind")
 
     def test_window_bytes_follow_a_far_source(self):
         """On a far source (each read 100 ms) 4 MiB in flight would hold
