@@ -269,8 +269,10 @@ depth_limit (struct worker *h)
   else
     pick = MIN (h->batch_regions,
                 MAX ((bytes / ACLONE_FGCTL_INFLIGHT_BATCHES) >> shift, 1u));
-  uint64_t fit = MAX (bytes / (pick << shift), (uint64_t) ACLONE_FGCTL_START_WINDOW);
-  hy->fg.by_bytes = fit < cap;
+  uint64_t fit = bytes / (pick << shift);
+  /* (Status says the bytes bind only when they do, not the floor.) */
+  hy->fg.by_bytes = fit >= ACLONE_FGCTL_START_WINDOW && fit < cap;
+  fit = MAX (fit, (uint64_t) ACLONE_FGCTL_START_WINDOW);
   cap = (unsigned) MIN (cap, fit);
   unsigned w = aclone_fgctl_window (&hy->fg, aclone_now_ns (), client, cap);
   pthread_mutex_unlock (&hy->fg_lock);

@@ -526,7 +526,7 @@ aclone_meta_commit_bits (struct aclone_meta *m, int which,
   uint64_t nwords = m->hdr.bitmap_len / 8;
   const uint64_t page_words = ACLONE_PAGE / 8;
   uint64_t lo = UINT64_MAX, hi = 0;          /* the whole commit's span */
-  uint64_t chunk_lo = 0, last_page = UINT64_MAX;
+  uint64_t chunk_lo = 0, chunk_hi = 0, last_page = UINT64_MAX;
   unsigned pages = 0;
 
   for (size_t i = 0; i < n; i++)
@@ -534,22 +534,25 @@ aclone_meta_commit_bits (struct aclone_meta *m, int which,
       return aclone_error_set (err, ERANGE, "%s: bitmap index", m->path);
   if (n == 0)
     return 0;
-  /* 1. Set the bits, dropping the pages every COMMIT_CHUNK_PAGES; they
-   * stay dirty in the page cache.  Entries come in index order
-   * (aclone_map_take_dirty), so pages are met in order.
+  /* 1. Set the bits, dropping the pages every COMMIT_CHUNK_PAGES pages
+   * met; they stay dirty in the page cache.  Entries come in index order
+   * (aclone_map_take_dirty); out of order, a chunk's span is still
+   * [its least word, its greatest], so nothing it touched stays mapped.
    */
   for (size_t i = 0; i < n; i++) {
     for (uint64_t k = v[i].index; k < v[i].index + v[i].count; k++) {
       if (k / page_words != last_page) {
         if (pages == COMMIT_CHUNK_PAGES) {
-          bitmap_drop (bm, chunk_lo, k - 1);
+          bitmap_drop (bm, chunk_lo, chunk_hi);
           pages = 0;
         }
         if (pages == 0)
-          chunk_lo = k;
+          chunk_lo = chunk_hi = k;
         last_page = k / page_words;
         pages++;
       }
+      chunk_lo = MIN (chunk_lo, k);
+      chunk_hi = MAX (chunk_hi, k);
       /* htole64 permutes bits, so it commutes with OR. */
       __atomic_fetch_or (&bm[k], htole64 (v[i].value), __ATOMIC_RELAXED);
       lo = MIN (lo, k);
@@ -566,7 +569,7 @@ aclone_meta_commit_bits (struct aclone_meta *m, int which,
   bitmap_span (bm, lo, hi, &start, &len);
   if (msync ((void *) start, len, MS_SYNC) < 0)
     return aclone_error_set (err, errno, "%s: msync bitmap", m->path);
-  bitmap_drop (bm, chunk_lo, hi);
+  bitmap_drop (bm, chunk_lo, chunk_hi);
   return 0;
 }
 
