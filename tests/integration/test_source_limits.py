@@ -254,20 +254,20 @@ class SourceLimitsTest(CloneTest):
         self.assertEqual(max(n for _, n in reads), MiB)
 
     def test_small_max_default_batch(self):
-        src = self.policy_source(24 * MiB, maximum="256K")
-        self.assertEqual(block_sizes(src.uri)[2], 256 * KiB)
+        src = self.policy_source(24 * MiB, maximum="128K")
+        self.assertEqual(block_sizes(src.uri)[2], 128 * KiB)
         c = self.clone(src, hydrate="false")
         h = c.connect()
         # Copy-on-read over many regions at once (up to 32 MiB a copy).
         self.check_reads(h, [(3 * MiB + 5, 5 * MiB), (100, 200)])
-        cli("resume", self.meta)              # batches of 1M, the default
+        cli("resume", self.meta)              # batches of 256K (4 MiB in flight)
         self.complete_and_check(c)
-        reads = self.assert_reads_within(1, 256 * KiB)
-        self.assertEqual(max(n for _, n in reads), 256 * KiB)   # capped, not tiny
+        reads = self.assert_reads_within(1, 128 * KiB)
+        self.assertEqual(max(n for _, n in reads), 128 * KiB)   # capped, not tiny
         # aclone verify reads the source in 8 MiB runs: split too.
         p = cli("verify", self.meta, "--source", src.uri, "--dest", self.dest)
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
-        self.assert_reads_within(1, 256 * KiB)
+        self.assert_reads_within(1, 128 * KiB)
 
 
 if __name__ == "__main__":
