@@ -705,16 +705,6 @@ read_done (void *opaque, int *error)
   return 1;                            /* retire the command */
 }
 
-/* Batch buffers are mappings of their own, so that a freed one goes
- * back to the system at once (malloc keeps what it once had), and are
- * kept while the window uses them: each second, buffers beyond the most
- * batches in flight during that second (plus SPARE_BUFS) are unmapped
- * (trim_bufs).  Memory follows the window, whose bytes depth_limit caps:
- * a 1 TiB clone's whole map is 2 MiB, a window of 32 batches of 1 MiB
- * would be 32 MiB.  A buffer is hydrate-batch long, but only the pages
- * its batches used are resident; when batches shrink (a client went
- * away), trim_bufs gives back the pages beyond the current batch size.
- */
 /* The page-rounded bytes of a buffer a read of len bytes may touch. */
 static size_t
 buf_need (struct worker *h, uint64_t len)
@@ -725,6 +715,16 @@ buf_need (struct worker *h, uint64_t len)
   return MIN (n, h->buf_len);
 }
 
+/* Batch buffers are mappings of their own, so that a freed one goes
+ * back to the system at once (malloc keeps what it once had), and are
+ * kept while the window uses them: each second, buffers beyond the most
+ * batches in flight during that second (plus SPARE_BUFS) are unmapped
+ * (trim_bufs).  Memory follows the window, whose bytes depth_limit caps:
+ * a 1 TiB clone's whole map is 2 MiB, a window of 32 batches of 1 MiB
+ * would be 32 MiB.  A buffer is hydrate-batch long, but only the pages
+ * its batches used are resident; when batches shrink (a client went
+ * away), trim_bufs gives back the pages beyond the current batch size.
+ */
 static char *
 buf_alloc (struct worker *h)
 {
