@@ -86,8 +86,10 @@ class ScaleTest(CloneTest):
         print("1 TiB hydrating: peak %d KiB; complete: %d KiB (anon %d, file %d)"
               % (hwm, rss, anon, file_))
         self.assertLess(hwm, 16 * 1024, "peak RSS of a 1 TiB clone copying data")
-        # Nothing of the copy is left once complete: no map, no buffers.
-        self.assertLess(anon, 4 * 1024, "anonymous memory of a complete clone")
+        # Nothing of the copy is left once complete: no map, no buffers
+        # (1.3 MiB is left here; the buffers kept at the end of the sweep
+        # would add 1.5 MiB or more).
+        self.assertLess(anon, 2 * 1024, "anonymous memory of a complete clone")
         with open(self.dest, "rb") as f:
             for off, data in runs[::16]:
                 f.seek(off)
