@@ -92,8 +92,9 @@ uint64_t aclone_writebehind_pending (struct aclone_writebehind *wb);
 uint64_t aclone_writebehind_queued (struct aclone_writebehind *wb);
 
 /* Refuse new copies from now on, land every queued one, join the
- * writer and free the spare buffers.  Safe with NULL, and twice in a row; not from two threads at
- * once (the second would return before the queue has landed).
+ * writer and free the spare buffers.  Safe with NULL, and twice in a
+ * row; not from two threads at once (the second would return before the
+ * queue has landed).
  */
 void aclone_writebehind_stop (struct aclone_writebehind *wb);
 
