@@ -66,6 +66,10 @@ struct aclone_clone {
   atomic_uint_fast64_t hint;     /* 1 + region after the last read miss, 0 none */
   atomic_uint fg_active;         /* client requests in progress */
   atomic_uint_fast64_t fg_last_ns; /* when the last client request began */
+  atomic_uint fg_misses;         /* client reads waiting for the source now */
+  atomic_uint_fast64_t fg_miss_ns; /* when the last of those began */
+  atomic_uint_fast64_t bytes_missed; /* read from the source for clients
+                                      * and not copied, cumulative */
   atomic_uint_fast64_t copy_write_cuts; /* copy writes cut into pieces while
                                          * clients were served (hydrator.c) */
   /* Service times of client reads served wholly from dest (fgpace.h):
@@ -195,6 +199,18 @@ aclone_clone_clients_active (struct aclone_clone *c, uint64_t within)
          (last && aclone_now_ns () - last < within);
 }
 
+/* Clients and the source: a client read waiting for the source now
+ * (a miss, on the path hydration's reads take), or, with within > 0, one
+ * begun within `within` ns.
+ */
+static inline bool
+aclone_clone_client_missing (struct aclone_clone *c, uint64_t within)
+{
+  uint64_t last = atomic_load_explicit (&c->fg_miss_ns, memory_order_relaxed);
+  return atomic_load (&c->fg_misses) > 0 ||
+         (within && last && aclone_now_ns () - last < within);
+}
+
 /* Take the read-miss hint: 1 + the region after the last miss, 0 none. */
 static inline uint64_t
 aclone_clone_take_hint (struct aclone_clone *c)
@@ -246,6 +262,12 @@ static inline uint64_t
 aclone_clone_bytes_copied (struct aclone_clone *c)
 {
   return atomic_load (&c->bytes_copied);
+}
+
+static inline uint64_t
+aclone_clone_bytes_missed (struct aclone_clone *c)
+{
+  return atomic_load_explicit (&c->bytes_missed, memory_order_relaxed);
 }
 
 static inline uint64_t

@@ -515,7 +515,10 @@ clone_pread (struct aclone_clone *c, void *buf, uint32_t count,
                             (unsigned long long) pos, strerror (-ret));
     }
     else {
+      /* A miss: hydration starts no batch while it waits (hydrator.c). */
       all_local = false;
+      atomic_fetch_add (&c->fg_misses, 1);
+      atomic_store_explicit (&c->fg_miss_ns, aclone_now_ns (), memory_order_relaxed);
       if (locked) {
         ret = cor_behind (c, r, n, p, pos, seg_end - pos);
         if (ret == 0)
@@ -529,11 +532,17 @@ clone_pread (struct aclone_clone *c, void *buf, uint32_t count,
       }
       if (!locked) {
         ret = source_read (c, p, seg_end - pos, pos);
-        if (ret == -ESTALE)
+        if (ret == 0)
+          atomic_fetch_add_explicit (&c->bytes_missed, seg_end - pos,
+                                     memory_order_relaxed);
+        else if (ret == -ESTALE)
           ret = aclone_dest_pread (c->dest, p, seg_end - pos, pos);
       }
-      /* Locality: the hydrator copies what follows a miss next. */
+      /* Locality: the hydrator copies what follows a miss next (told
+       * before the miss ends, so that its next batch is that).
+       */
       atomic_store_explicit (&c->hint, r + n + 1, memory_order_relaxed);
+      atomic_fetch_sub (&c->fg_misses, 1);
     }
     pos = seg_end;
   }

@@ -132,6 +132,15 @@ aclone_fgctl_window (struct aclone_fgctl *f, unsigned long long now,
   return (unsigned) f->window;
 }
 
+bool
+aclone_fgctl_link_bound (const struct aclone_fgctl *f, uint64_t batch_bytes,
+                         uint64_t link_rate)
+{
+  uint64_t base = aclone_fgctl_base (f);
+
+  return base && link_rate && 1e9 * batch_bytes / link_rate >= base;
+}
+
 uint64_t
 aclone_fgctl_inflight_cap (const struct aclone_fgctl *f)
 {

@@ -104,6 +104,15 @@ bool aclone_fgctl_second (struct aclone_fgctl *f, uint64_t rate,
  */
 uint64_t aclone_fgctl_inflight_cap (const struct aclone_fgctl *f);
 
+/* Is the path to the source bound by its bandwidth rather than its
+ * latency: does a batch of batch_bytes take at least the base latency to
+ * arrive at link_rate (bytes/s, the best the source has given)?  Then a
+ * batch sent while a client's miss waits delays the miss; on a long,
+ * fast path it does not.  False while either is unknown (0).
+ */
+bool aclone_fgctl_link_bound (const struct aclone_fgctl *f,
+                              uint64_t batch_bytes, uint64_t link_rate);
+
 /* Base and current latency in ns (0: no sample yet). */
 uint64_t aclone_fgctl_base (const struct aclone_fgctl *f);
 uint64_t aclone_fgctl_current (const struct aclone_fgctl *f);

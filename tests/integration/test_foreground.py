@@ -107,6 +107,28 @@ def read_starts(log, after, before):
     return sorted(out)
 
 
+def source_reads(log):
+    """[(begun, ended or None, count)] of every read in a log filter's
+    file, times in unix seconds, in the order begun."""
+    import datetime
+    out, open_ = [], {}
+    with open(log) as f:
+        for line in f:
+            words = line.split()
+            if len(words) < 5 or not words[2].startswith("connection="):
+                continue
+            t = datetime.datetime.strptime(words[0] + " " + words[1],
+                                           "%Y-%m-%d %H:%M:%S.%f").timestamp()
+            key = (words[2], words[4])
+            if words[3] == "Read":
+                kv = dict(w.split("=", 1) for w in words[4:] if "=" in w)
+                open_[key] = len(out)
+                out.append([t, None, int(kv["count"], 16)])
+            elif words[3] == "...Read" and key in open_:
+                out[open_.pop(key)][1] = t
+    return [tuple(r) for r in out]
+
+
 class BusyClient:
     """A client that always has requests in progress: 4 reads of 4 KiB in
     flight at once, within [base, base+span), until stopped."""
@@ -149,6 +171,16 @@ class ForegroundTest(CloneTest):
         self.log = os.path.join(self.tmp, "source-requests.log")
         return self.source_file(self.src_path, filters=["log", "delay"],
                                 extra=["logfile=" + self.log, "rdelay=" + delay])
+
+    def link_source(self, size):
+        """A random source behind a link: 4 MiB/s (its bucket starts
+        full, 8 MiB at once), 5 ms a read; reads logged."""
+        self.src_path = os.path.join(self.tmp, "source.img")
+        write_random_file(self.src_path, size, seed=11)
+        self.log = os.path.join(self.tmp, "source-requests.log")
+        return self.source_file(self.src_path, filters=["log", "rate", "delay"],
+                                extra=["logfile=" + self.log, "rate=32M",
+                                       "rdelay=5ms"])
 
     def test_copy_threads_idle_priority(self):
         """While clients are served, every copy thread, and the io_uring
@@ -227,6 +259,101 @@ class ForegroundTest(CloneTest):
                  "the window to open again without the client")
         wait_for(lambda: status(self.meta)["foreground"]["limited_by"] != "client",
                  30, "status to drop the client reason")
+
+    def test_no_batch_begins_during_a_miss(self):
+        """While a client's read waits for the source (a miss) on a path
+        bound by its bandwidth, hydration begins no read (the floor's
+        share aside, set low here): each of its bytes would delay the
+        miss.  Between
+        misses it copies, in batches of an eighth of hydrate-batch.  The
+        source's log shows both: the client's reads are its only 48 KiB
+        ones (copy-on-read off), hydration's are whole regions."""
+        # On this link a batch of 128 KiB takes longer to arrive than
+        # the base latency: bound by its bandwidth.
+        src = self.link_source(256 * MiB)
+        # (A floor of 1 byte/s: the default would lift the rule if the
+        # misses went on for long on a slow machine.)
+        c = self.clone(src, copy_on_read="false", hydrate_batch="1M",
+                       hydrate_floor="1")
+        wait_for(lambda: status(self.meta)["bytes_copied"] >= 12 * MiB, 60,
+                 "hydration to run past the link's first burst")
+        h = c.connect()
+        miss = 48 * 1024                      # no hydration read is this size
+        for i in range(40):
+            # Offsets far apart, in the last 64 MiB: misses, unless
+            # hydration got there first (then they never reach the log).
+            h.pread(miss, 192 * MiB + i * 1531 * 1024)
+            time.sleep(0.02)                  # a gap: hydration may begin
+        h.shutdown()
+        reads = source_reads(self.log)
+        misses = [(b, e) for b, e, n in reads if n == miss and e is not None]
+        self.assertGreaterEqual(len(misses), 20, "too few misses to judge")
+        # From the end of the first miss: a batch decided before it
+        # began may reach the source just after.
+        first, last = misses[0][1], misses[-1][1]
+        during = [(b, n) for b, e, n in reads
+                  if n != miss and any(mb < b < me for mb, me in misses)]
+        between = [n for b, e, n in reads if n != miss and first < b < last]
+        # (A batch decided just before a miss began may reach the source
+        # just after it: a few, not one a miss.)
+        self.assertLessEqual(len(during), 6, "hydration reads begun during "
+                             "%d misses: %s" % (len(misses), during))
+        self.assertGreaterEqual(len(between), 2, "too few hydration reads "
+                                "between misses to judge their size")
+        self.assertLessEqual(max(between), 2 * RS, "batches between misses: "
+                             "%s bytes" % sorted(set(between)))
+
+    def test_no_hold_on_a_source_that_does_not_queue(self):
+        """A client that always has a read waiting for the source does not
+        hold hydration back on a path bound by its latency (20 ms a
+        read, no limit on bandwidth): a batch would not delay the miss
+        there.  The source's log shows hydration's reads begun while the
+        client's (4 KiB, copy-on-read off) are in flight, one every few
+        tens of ms; held, only the floor's share would begin, one 64 KiB
+        read a second."""
+        src = self.slow_source(256 * MiB)
+        c = self.clone(src, copy_on_read="false", hydrate_batch="256K",
+                       hydrate_floor="64K", hydrate_rate="8M")
+        client = BusyClient(c, 64 * MiB, base=192 * MiB)
+        try:
+            time.sleep(2)
+            t0 = time.time()
+            time.sleep(5)
+            t1 = time.time()
+            self.assertGreater(client.reads, 100)
+        finally:
+            client.stop()
+        reads = source_reads(self.log)
+        misses = [(b, e) for b, e, n in reads if n == 4096 and e is not None]
+        during = [b for b, e, n in reads if n != 4096 and t0 <= b <= t1 and
+                  any(mb < b < me for mb, me in misses)]
+        self.assertGreaterEqual(len(during), 15, "%d hydration reads begun "
+                                "during misses in 5 s" % len(during))
+
+    def test_misses_leave_the_floor_its_share(self):
+        """A client that always has a miss waiting, on a link where
+        batches yield to misses, does not stop the copy: batches still
+        begin at the progress floor's rate, and regions the client never
+        reads are hydrated."""
+        src = self.link_source(256 * MiB)
+        c = self.clone(src, hydrate_floor="1M", copy_on_read="false")
+        # Past the link's first burst (its bucket starts full, 8 MiB).
+        wait_for(lambda: status(self.meta)["bytes_copied"] >= 12 * MiB, 60,
+                 "hydration to run past the link's first burst")
+        client = BusyClient(c, 64 * MiB, base=192 * MiB)
+        try:
+            wait_for(lambda: status(self.meta)["foreground"]["limited_by"] == "client",
+                     30, "client cuts")
+            a = status(self.meta)["bytes_copied"]
+            time.sleep(8)
+            copied = status(self.meta)["bytes_copied"] - a
+            self.assertGreater(client.reads, 100)
+        finally:
+            client.stop()
+        # 1 MiB/s for 8 s; held at every miss, batches would copy next
+        # to nothing (copy-on-read is off: every byte is theirs).
+        self.assertGreaterEqual(copied, 4 * MiB, "batches copied %d bytes in "
+                                "8 s beside a client that always misses" % copied)
 
     def test_floor_suspends_client_cuts(self):
         """Below the progress floor set with `aclone set floor=`, clients

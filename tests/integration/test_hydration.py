@@ -261,9 +261,11 @@ class HydrationTest(CloneTest):
         """After a read miss, the regions that follow it are copied next:
         at 2M/s, the sweep would reach them only after about 36 s (the
         second worker's home range starts at 128 MiB); with locality they
-        come within seconds.  The bound is far from both."""
+        come within seconds.  The bound is far from both.  What follows
+        is 4 MiB, whatever the batches: eight of them (128K, halved
+        while a client reads) would stop short of 2 MiB."""
         src = self.random_source(256 * MiB)
-        c = self.clone(src, hydrate_rate="2M")
+        c = self.clone(src, hydrate_rate="2M", hydrate_batch="128K")
         h = c.connect()
         miss = 200 * MiB
         h.pread(4096, miss)

@@ -176,6 +176,29 @@ test_inflight_cap (void **state)
   assert_int_equal (aclone_fgctl_inflight_cap (&f), ACLONE_FGCTL_INFLIGHT_MIN);
 }
 
+/* Bound by bandwidth: a batch's transfer at the link's rate takes at
+ * least the base latency.  Unknown base or rate: not.
+ */
+static void
+test_link_bound (void **state)
+{
+  struct aclone_fgctl f;
+  unsigned long long now = 1000 * MS;
+
+  aclone_fgctl_init (&f, 32, BATCH, now);
+  assert_false (aclone_fgctl_link_bound (&f, 128 << 10, 25 << 20));
+  /* A link: 1.3 ms, 25 MiB/s; 128 KiB take 5 ms. */
+  aclone_fgctl_sample (&f, now, 1300000);
+  assert_true (aclone_fgctl_link_bound (&f, 128 << 10, 25 << 20));
+  assert_false (aclone_fgctl_link_bound (&f, 128 << 10, 0));
+  /* A long, fast path: 20 ms, 50 MiB/s; 128 KiB take 2.5 ms. */
+  aclone_fgctl_init (&f, 32, BATCH, now);
+  aclone_fgctl_sample (&f, now, 20 * MS);
+  assert_false (aclone_fgctl_link_bound (&f, 128 << 10, 50 << 20));
+  /* The same path at 5 MiB/s: 25 ms. */
+  assert_true (aclone_fgctl_link_bound (&f, 128 << 10, 5 << 20));
+}
+
 int
 main (void)
 {
@@ -186,6 +209,7 @@ main (void)
     cmocka_unit_test (test_base_history),
     cmocka_unit_test (test_floor),
     cmocka_unit_test (test_inflight_cap),
+    cmocka_unit_test (test_link_bound),
   };
   return cmocka_run_group_tests (tests, NULL, NULL);
 }
