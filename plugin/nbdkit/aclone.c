@@ -128,7 +128,7 @@ enum param_kind { P_URI, P_PATH, P_SIZE, P_BOOL, P_UINT };
   P ("hydrate-floor", P_SIZE, &hcfg.floor, 0, INT64_MAX, \
      "hydrate-floor=SIZE     Progress floor in bytes/s: below it, clients no\n" \
      "                       longer slow hydration (default 0 = a tenth of\n" \
-     "                       the best rate seen).\n")
+     "                       the best rate the source gave).\n")
 
 
 struct param {

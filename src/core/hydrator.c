@@ -293,12 +293,12 @@ depth_limit (struct worker *h)
    * failure is being backed off from (a batch must start to end that).
    */
   uint64_t floor = atomic_load (&hy->floor);
-  uint64_t small = MAX (h->batch_regions / MISS_BATCH_DIV, 1u) << shift;
+  uint64_t small = MAX (h->batch_regions / MISS_BATCH_DIV, 1u);
   bool yield = floor && !aclone_clone_backing_off (h->c) &&
-               aclone_fgctl_link_bound (&hy->fg, small,
+               aclone_fgctl_link_bound (&hy->fg, small << shift,
                                         atomic_load (&hy->link_rate));
   if (yield && aclone_clone_client_missing (h->c, MISSES_RECENT_NS))
-    pick = MAX (h->batch_regions / MISS_BATCH_DIV, 1u);
+    pick = small;
   else if (client)
     pick = MAX (h->batch_regions / 2, 1u);
   else

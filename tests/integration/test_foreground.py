@@ -68,48 +68,9 @@ def copy_threads(pid):
             {t: pol for t, (n, pol) in ts.items() if n in names})
 
 
-def reads_in_flight(log):
-    """[(offset, count, age in seconds)] of the reads a log filter shows
-    begun and not ended, the youngest first."""
-    import datetime
-    begun = {}
-    with open(log) as f:
-        for line in f:
-            words = line.split()
-            if len(words) < 5 or not words[2].startswith("connection="):
-                continue
-            key = (words[2], words[4])
-            if words[3] == "Read":
-                kv = dict(w.split("=", 1) for w in words[4:] if "=" in w)
-                t = datetime.datetime.strptime(words[0] + " " + words[1],
-                                               "%Y-%m-%d %H:%M:%S.%f").timestamp()
-                begun[key] = (int(kv["offset"], 16), int(kv["count"], 16),
-                              time.time() - t)
-            elif words[3] == "...Read":
-                begun.pop(key, None)
-    return sorted(begun.values(), key=lambda r: r[2])
-
-
-def read_starts(log, after, before):
-    """Times (unix seconds) at which the source began reads, between
-    after and before, in order."""
-    import datetime
-    out = []
-    with open(log) as f:
-        for line in f:
-            words = line.split()
-            if len(words) < 5 or words[3] != "Read":
-                continue
-            t = datetime.datetime.strptime(words[0] + " " + words[1],
-                                           "%Y-%m-%d %H:%M:%S.%f").timestamp()
-            if after <= t <= before:
-                out.append(t)
-    return sorted(out)
-
-
 def source_reads(log):
-    """[(begun, ended or None, count)] of every read in a log filter's
-    file, times in unix seconds, in the order begun."""
+    """[(begun, ended or None, offset, count)] of every read in a log
+    filter's file, times in unix seconds, in the order begun."""
     import datetime
     out, open_ = [], {}
     with open(log) as f:
@@ -123,10 +84,24 @@ def source_reads(log):
             if words[3] == "Read":
                 kv = dict(w.split("=", 1) for w in words[4:] if "=" in w)
                 open_[key] = len(out)
-                out.append([t, None, int(kv["count"], 16)])
+                out.append([t, None, int(kv["offset"], 16), int(kv["count"], 16)])
             elif words[3] == "...Read" and key in open_:
                 out[open_.pop(key)][1] = t
     return [tuple(r) for r in out]
+
+
+def reads_in_flight(log):
+    """[(offset, count, age in seconds)] of the reads a log filter shows
+    begun and not ended, the youngest first."""
+    now = time.time()
+    return sorted(((off, n, now - b) for b, e, off, n in source_reads(log)
+                   if e is None), key=lambda r: r[2])
+
+
+def read_starts(log, after, before):
+    """Times (unix seconds) at which the source began reads, between
+    after and before, in order."""
+    return sorted(b for b, _, _, _ in source_reads(log) if after <= b <= before)
 
 
 class BusyClient:
@@ -286,14 +261,14 @@ class ForegroundTest(CloneTest):
             time.sleep(0.02)                  # a gap: hydration may begin
         h.shutdown()
         reads = source_reads(self.log)
-        misses = [(b, e) for b, e, n in reads if n == miss and e is not None]
+        misses = [(b, e) for b, e, _, n in reads if n == miss and e is not None]
         self.assertGreaterEqual(len(misses), 20, "too few misses to judge")
         # From the end of the first miss: a batch decided before it
         # began may reach the source just after.
         first, last = misses[0][1], misses[-1][1]
-        during = [(b, n) for b, e, n in reads
+        during = [(b, n) for b, e, _, n in reads
                   if n != miss and any(mb < b < me for mb, me in misses)]
-        between = [n for b, e, n in reads if n != miss and first < b < last]
+        between = [n for b, e, _, n in reads if n != miss and first < b < last]
         # (A batch decided just before a miss began may reach the source
         # just after it: a few, not one a miss.)
         self.assertLessEqual(len(during), 6, "hydration reads begun during "
@@ -324,8 +299,8 @@ class ForegroundTest(CloneTest):
         finally:
             client.stop()
         reads = source_reads(self.log)
-        misses = [(b, e) for b, e, n in reads if n == 4096 and e is not None]
-        during = [b for b, e, n in reads if n != 4096 and t0 <= b <= t1 and
+        misses = [(b, e) for b, e, _, n in reads if n == 4096 and e is not None]
+        during = [b for b, e, _, n in reads if n != 4096 and t0 <= b <= t1 and
                   any(mb < b < me for mb, me in misses)]
         self.assertGreaterEqual(len(during), 15, "%d hydration reads begun "
                                 "during misses in 5 s" % len(during))
