@@ -240,20 +240,26 @@ class HungSourceTest(CloneTest):
     def test_stop_while_source_hangs(self):
         src_path, _ = self.random_file(16 * MiB, seed=9)
         src = self.server("source", ["--threads=1", "file", src_path])
-        c = self.clone(src, hydrate="false", hydrate_rate="1M", source_timeout="30")
+        # Slow enough that no worker's sweep reaches the read below: with
+        # 1M/s, under make check's load, worker 1 (home range from 8 MiB)
+        # once copied 12 MiB before the read began, which then had data.
+        c = self.clone(src, hydrate="false", hydrate_rate="256K",
+                       source_timeout="30")
         h = c.connect()
         h.pread(RS, 0)
         cli("resume", self.meta)
         self.status_becomes(state="hydrating")
         os.kill(src.proc.pid, signal.SIGSTOP)
         self.cleanups.append(lambda: os.kill(src.proc.pid, signal.SIGCONT))
-        t, result = background_read(c, 12 * MiB)
+        t, result = background_read(c, 16 * MiB - RS)
         time.sleep(1)
+        st = status(self.meta)
         h.shutdown()
         took = c.stop()
         t.join(5)
         self.assertFalse(t.is_alive())
-        self.assertNotIn("data", result)
+        self.assertNotIn("data", result, "the hung read had data; status "
+                         "before the stop: %s" % st)
         # Not the 30 s source-timeout.
         self.assert_prompt(took, PROMPT, "SIGTERM to exit, source hung")
 
