@@ -546,14 +546,16 @@ aclone_after_fork (void)
 {
   struct aclone_error err = { 0 };
 
-  /* The hydrator sets the live page's controls; start it first so that
-   * the first published state already reflects them.
-   */
   /* First, while no thread of ours opens or closes sockets. */
   find_listeners ();
   hcfg.connections = source_connections;
-  /* The clone first: its threads (the ticker, the copy-on-read writer)
-   * are there before the hydrator, which may complete at once.
+  /* The controls before the clone's first published state, which would
+   * otherwise show a clone started paused as hydrating until the
+   * hydrator starts: the socket already listens, and status may ask.
+   */
+  aclone_hydrator_set_controls (the_clone, &hcfg);
+  /* The clone, then the hydrator: the clone's threads (the ticker, the
+   * copy-on-read writer) are there before it, which may complete at once.
    */
   if (aclone_clone_start (the_clone, &err) < 0 ||
       aclone_hydrator_start (the_clone, &hcfg, &err) < 0) {

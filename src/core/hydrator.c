@@ -1548,13 +1548,25 @@ hydrator_free (struct aclone_hydrator *hy)
   free (hy);
 }
 
+/* The command line sets the starting controls; the CLI changes them. */
+void
+aclone_hydrator_set_controls (struct aclone_clone *c,
+                              const struct aclone_hydrator_config *cfg)
+{
+  struct aclone_live *live = aclone_clone_live (c);
+
+  __atomic_store_n (&live->ctl_pause, cfg->start_paused ? 1 : 0, __ATOMIC_RELAXED);
+  __atomic_store_n (&live->ctl_rate, cfg->rate, __ATOMIC_RELAXED);
+  __atomic_store_n (&live->ctl_depth, 0, __ATOMIC_RELAXED);
+  __atomic_store_n (&live->ctl_floor, cfg->floor, __ATOMIC_RELAXED);
+}
+
 int
 aclone_hydrator_start (struct aclone_clone *c,
                        const struct aclone_hydrator_config *cfg,
                        struct aclone_error *err)
 {
   struct aclone_hydrator *hy;
-  struct aclone_live *live = aclone_clone_live (c);
   unsigned n, conns;
   int r;
 
@@ -1598,11 +1610,7 @@ aclone_hydrator_start (struct aclone_clone *c,
                       ">= %d)", ACLONE_PRIO_BACKGROUND_NICE,
                       20 - ACLONE_PRIO_BACKGROUND_NICE);
 
-  /* The command line sets the starting controls; the CLI changes them. */
-  __atomic_store_n (&live->ctl_pause, cfg->start_paused ? 1 : 0, __ATOMIC_RELAXED);
-  __atomic_store_n (&live->ctl_rate, cfg->rate, __ATOMIC_RELAXED);
-  __atomic_store_n (&live->ctl_depth, 0, __ATOMIC_RELAXED);
-  __atomic_store_n (&live->ctl_floor, cfg->floor, __ATOMIC_RELAXED);
+  aclone_hydrator_set_controls (c, cfg);
 
   for (unsigned k = 0; k < n; k++) {
     unsigned share = conns / n + (k < conns % n);

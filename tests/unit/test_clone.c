@@ -789,7 +789,14 @@ test_hydrator_pause_and_failures (void **state)
 
   hc.start_paused = true;
   must_open (f, true);
+  /* Started paused, as the plugin starts it: the state the clone
+   * publishes first says so, before the hydrator runs.
+   */
+  __atomic_store_n (&f->c->meta->live->ctl_pause, 0, __ATOMIC_RELAXED);
+  aclone_hydrator_set_controls (f->c, &hc);
   assert_int_equal (aclone_clone_start (f->c, &err), 0);
+  assert_int_equal (__atomic_load_n (&f->c->meta->live->state, __ATOMIC_RELAXED),
+                    ACLONE_STATE_PAUSED);
   assert_int_equal (aclone_hydrator_start (f->c, &hc, &err), 0);
   usleep (300000);
   assert_int_equal (atomic_load (&f->c->map.nr_hydrated), 0);  /* paused */
