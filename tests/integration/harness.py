@@ -32,6 +32,20 @@ SANITIZER_ENV = {}
 SANITIZED = bool(os.environ.get("ACLONE_TEST_PRELOAD"))
 if SANITIZED:
     SANITIZER_ENV["LD_PRELOAD"] = os.environ["ACLONE_TEST_PRELOAD"]
+# Tests of when the foreground controller acts (how it holds, cuts and
+# paces the copy beside a client) run in make check's normal and TSan
+# stages; under ASan they would only take the same paths again, slower,
+# so check-san sets this and they are reported skipped there.
+CONTROLLER_TIMING_ELSEWHERE = bool(os.environ.get("ACLONE_CONTROLLER_TIMING_ELSEWHERE"))
+
+
+def controller_timing(test):
+    """Decorator: a test of the controller's timing (see above)."""
+    return unittest.skipIf(CONTROLLER_TIMING_ELSEWHERE,
+                           "the controller's timing: checked in the normal "
+                           "and tsan stages")(test)
+
+
 # A sanitizer's report in a server's log fails the test that ran it.
 # (LeakSanitizer is not among them: it would report nbdkit's own
 # allocations; the unit tests run with leak checks instead.)

@@ -22,8 +22,8 @@ import time
 
 import nbd
 
-from harness import (PROMPT, SANITIZED, CloneTest, cli, main, read_all, sha,
-                     status, wait_for, write_random_file)
+from harness import (PROMPT, SANITIZED, CloneTest, cli, controller_timing, main,
+                     read_all, sha, status, wait_for, write_random_file)
 from test_hydration import peak_reads
 
 MiB = 1 << 20
@@ -157,6 +157,7 @@ class ForegroundTest(CloneTest):
                                 extra=["logfile=" + self.log, "rate=32M",
                                        "rdelay=5ms"])
 
+    @controller_timing
     def test_copy_threads_idle_priority(self):
         """While clients are served, every copy thread, and the io_uring
         workers that run its writes, is SCHED_IDLE; without clients they
@@ -196,6 +197,7 @@ class ForegroundTest(CloneTest):
         wait_for(lambda: set(copy_threads(c.proc.pid)[0].values()) == {0},
                  PROMPT, "copy threads back at SCHED_OTHER after the client")
 
+    @controller_timing
     def test_client_cuts_window(self):
         """The window grows while nobody reads; a busy client cuts it to
         one batch (status says why), and the source then sees at most one
@@ -235,6 +237,7 @@ class ForegroundTest(CloneTest):
         wait_for(lambda: status(self.meta)["foreground"]["limited_by"] != "client",
                  30, "status to drop the client reason")
 
+    @controller_timing
     def test_no_batch_begins_during_a_miss(self):
         """While a client's read waits for the source (a miss) on a path
         bound by its bandwidth, hydration begins no read (the floor's
@@ -278,6 +281,7 @@ class ForegroundTest(CloneTest):
         self.assertLessEqual(max(between), 2 * RS, "batches between misses: "
                              "%s bytes" % sorted(set(between)))
 
+    @controller_timing
     def test_no_hold_on_a_source_that_does_not_queue(self):
         """A client that always has a read waiting for the source does not
         hold hydration back on a path bound by its latency (20 ms a
@@ -305,6 +309,7 @@ class ForegroundTest(CloneTest):
         self.assertGreaterEqual(len(during), 15, "%d hydration reads begun "
                                 "during misses in 5 s" % len(during))
 
+    @controller_timing
     def test_misses_leave_the_floor_its_share(self):
         """A client that always has a miss waiting, on a link where
         batches yield to misses, does not stop the copy: batches still
@@ -330,6 +335,7 @@ class ForegroundTest(CloneTest):
         self.assertGreaterEqual(copied, 4 * MiB, "batches copied %d bytes in "
                                 "8 s beside a client that always misses" % copied)
 
+    @controller_timing
     def test_floor_suspends_client_cuts(self):
         """Below the progress floor set with `aclone set floor=`, clients
         no longer cut the window, and the copy threads get normal
@@ -359,6 +365,7 @@ class ForegroundTest(CloneTest):
         finally:
             client.stop()
 
+    @controller_timing
     def test_pace_probes_pause_the_copy(self):
         """While a client reads hydrated data one request after another,
         the pace controller probes what the copy costs it: hydration
@@ -409,6 +416,7 @@ class ForegroundTest(CloneTest):
         self.assertGreaterEqual(len(gaps), 2, "pauses of 140 ms or more in "
                                 "hydration reads (a probe's quiet): %s" % gaps)
 
+    @controller_timing
     def test_client_waiting_for_a_copy_lifts_its_priority(self):
         """A client write to a region a copy holds (its source read takes
         2 s) waits for it: the copy threads leave SCHED_IDLE while it
