@@ -33,16 +33,18 @@ struct aclone_hydrator_config {
 #define ACLONE_HYDRATOR_MAX_DEPTH 1024
 #define ACLONE_HYDRATOR_MAX_WORKERS 64
 
-/* Set the live page's controls from cfg: pause, rate and floor as the
- * command line gives them, no depth override.  Call it before
- * aclone_clone_start, whose first published state must already show a
- * clone started paused as paused (aclone status may ask as soon as the
- * socket listens).  aclone_hydrator_start sets them too.
+/* Set the live page's controls from cfg (pause, rate and floor as the
+ * command line gives them, no depth override) and publish the state
+ * they make.  Call it once, right after aclone_clone_open: aclone status
+ * may ask as soon as the server's pid file is there, and must see a
+ * clone started paused as paused; and from then on the controls are the
+ * operator's (aclone pause, resume, set), which nothing may overwrite.
  */
 void aclone_hydrator_set_controls (struct aclone_clone *c,
                                    const struct aclone_hydrator_config *cfg);
 
-/* Start the copy workers (after nbdkit's fork).  Does nothing for a
+/* Start the copy workers (after nbdkit's fork), steered by the live
+ * page's controls (aclone_hydrator_set_controls).  Does nothing for a
  * clone that is not hydrating.
  */
 int aclone_hydrator_start (struct aclone_clone *c,

@@ -538,6 +538,12 @@ aclone_get_ready (void)
     nbdkit_error ("%s", err.msg);
     return -1;
   }
+  /* The command line's controls, shown before nbdkit writes its pid
+   * file (the sign that the server is up): status must not call a clone
+   * started paused hydrating.  Once only: after this they are the
+   * operator's.
+   */
+  aclone_hydrator_set_controls (the_clone, &hcfg);
   return 0;
 }
 
@@ -549,11 +555,6 @@ aclone_after_fork (void)
   /* First, while no thread of ours opens or closes sockets. */
   find_listeners ();
   hcfg.connections = source_connections;
-  /* The controls before the clone's first published state, which would
-   * otherwise show a clone started paused as hydrating until the
-   * hydrator starts: the socket already listens, and status may ask.
-   */
-  aclone_hydrator_set_controls (the_clone, &hcfg);
   /* The clone, then the hydrator: the clone's threads (the ticker, the
    * copy-on-read writer) are there before it, which may complete at once.
    */

@@ -1559,6 +1559,7 @@ aclone_hydrator_set_controls (struct aclone_clone *c,
   __atomic_store_n (&live->ctl_rate, cfg->rate, __ATOMIC_RELAXED);
   __atomic_store_n (&live->ctl_depth, 0, __ATOMIC_RELAXED);
   __atomic_store_n (&live->ctl_floor, cfg->floor, __ATOMIC_RELAXED);
+  aclone_clone_publish_current (c);
 }
 
 int
@@ -1610,7 +1611,6 @@ aclone_hydrator_start (struct aclone_clone *c,
                       ">= %d)", ACLONE_PRIO_BACKGROUND_NICE,
                       20 - ACLONE_PRIO_BACKGROUND_NICE);
 
-  aclone_hydrator_set_controls (c, cfg);
 
   for (unsigned k = 0; k < n; k++) {
     unsigned share = conns / n + (k < conns % n);
@@ -1633,10 +1633,6 @@ aclone_hydrator_start (struct aclone_clone *c,
     hy->w[k].started = true;
   }
   c->hydrator = hy;
-  /* The controls just set (paused or not) show at once, not at the
-   * ticker's next turn.
-   */
-  aclone_clone_publish_current (c);
   return 0;
 }
 

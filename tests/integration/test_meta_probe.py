@@ -138,8 +138,8 @@ class MetaProbeTest(CloneTest):
                 wait_for(gone, STOP_TIMEOUT, "the forked server to die")
         self.cleanups.append(kill)
 
-        # (Paused once its hydrator has started: the first publish, just
-        # before, may still say hydrating.)
+        # (Paused from the first publish, before nbdkit writes the pid
+        # file; the pid shows once the clone has started, just after.)
         self.status_becomes(timeout=START_TIMEOUT, pid=pid, state="paused")
         self.assertIn("in use:        yes",
                       subprocess.run([CLI, "inspect", self.meta], text=True,

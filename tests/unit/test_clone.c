@@ -710,6 +710,7 @@ test_hydrator_plain (void **state)
   memcpy (f->model, f->src->data, SIZE);
   must_open (f, true);
   assert_int_equal (aclone_clone_start (f->c, &err), 0);
+  aclone_hydrator_set_controls (f->c, &hc);
   assert_int_equal (aclone_hydrator_start (f->c, &hc, &err), 0);
   wait_complete (f->c, 20);
   /* The worker releases the source just after marking the clone
@@ -757,6 +758,7 @@ test_hydrator_with_writes (void **state)
   must_open (f, true);
   f->src->delay_us = 2000;
   assert_int_equal (aclone_clone_start (f->c, &err), 0);
+  aclone_hydrator_set_controls (f->c, &hc);
   assert_int_equal (aclone_hydrator_start (f->c, &hc, &err), 0);
   for (int i = 0; i < 400; i++) {
     uint64_t len = 1 + rnd (&seed) % (2 * RS - 1);
@@ -789,11 +791,14 @@ test_hydrator_pause_and_failures (void **state)
 
   hc.start_paused = true;
   must_open (f, true);
-  /* Started paused, as the plugin starts it: the state the clone
-   * publishes first says so, before the hydrator runs.
+  /* Started paused, as the plugin starts it: the controls publish the
+   * state they make at once, before the clone and its hydrator start
+   * (the plugin sets them before nbdkit writes its pid file).
    */
   __atomic_store_n (&f->c->meta->live->ctl_pause, 0, __ATOMIC_RELAXED);
   aclone_hydrator_set_controls (f->c, &hc);
+  assert_int_equal (__atomic_load_n (&f->c->meta->live->state, __ATOMIC_RELAXED),
+                    ACLONE_STATE_PAUSED);
   assert_int_equal (aclone_clone_start (f->c, &err), 0);
   assert_int_equal (__atomic_load_n (&f->c->meta->live->state, __ATOMIC_RELAXED),
                     ACLONE_STATE_PAUSED);
@@ -836,6 +841,7 @@ test_hydrator_rate_limit (void **state)
   hc.batch = RS;
   must_open (f, true);
   unsigned long long t0 = aclone_now_ns ();
+  aclone_hydrator_set_controls (f->c, &hc);
   assert_int_equal (aclone_hydrator_start (f->c, &hc, &err), 0);
   usleep (500000);
   uint64_t copied = atomic_load (&f->c->bytes_copied);

@@ -257,8 +257,10 @@ power_cuts (bool meta_as_synced)
     struct aclone_hydrator_config hc = ACLONE_HYDRATOR_DEFAULTS;
     hc.batch = 2 * RS;
     hc.rate = 16 * 1024;
-    if (round % 2)
+    if (round % 2) {
+      aclone_hydrator_set_controls (c, &hc);
       assert_int_equal (aclone_hydrator_start (c, &hc, &err), 0);
+    }
     else
       cut.armed = true;
     cut.taken = false;

@@ -148,6 +148,7 @@ hydrate_with (struct fx *f, const char *const *plugin_args,
   assert_int_equal (aclone_clone_start (f->c, &err), 0);
   if (before_start)
     before_start (f);
+  aclone_hydrator_set_controls (f->c, &hc);
   assert_int_equal (aclone_hydrator_start (f->c, &hc, &err), 0);
   for (int i = 0; i < 6000 && aclone_clone_mode (f->c) != ACLONE_MODE_COMPLETE; i++)
     usleep (10000);                            /* 60 s: a hang, not a speed */
