@@ -175,8 +175,8 @@ check: build
 	@rm -f $(foreach s,$(STAGES),$(LOG_$(s)))
 	@$(MAKE) --no-print-directory -k -j3 -Orecurse check-lane-a check-lane-b check-lane-c; rc=$$?; \
 	 python3 tests/summary.py $(foreach s,$(STAGES),$(s)=$(LOG_$(s))) | \
-	   sed 's/^\([0-9]* passed\)/all: \1/'; \
-	 [ $$rc = 0 ] && [ $${PIPESTATUS[0]} = 0 ]
+	   sed 's/^\([0-9]* passed\)/all: \1/'; st=$${PIPESTATUS[0]}; \
+	 [ $$rc = 0 ] && [ $$st = 0 ]
 
 check-lane-a:
 	@$(MAKE) --no-print-directory -k -j1 $(addprefix check-,$(LANE_A))

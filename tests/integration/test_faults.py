@@ -243,8 +243,10 @@ class HungSourceTest(CloneTest):
         # Slow enough that no worker's sweep reaches the read below: with
         # 1M/s, under make check's load, worker 1 (home range from 8 MiB)
         # once copied 12 MiB before the read began, which then had data.
+        # (64K batches: at that rate a hydration read is in flight at the
+        # hang most of the time, and the stop abandons it too.)
         c = self.clone(src, hydrate="false", hydrate_rate="256K",
-                       source_timeout="30")
+                       hydrate_batch="64K", source_timeout="30")
         h = c.connect()
         h.pread(RS, 0)
         cli("resume", self.meta)
