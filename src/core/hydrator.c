@@ -1611,7 +1611,6 @@ aclone_hydrator_start (struct aclone_clone *c,
                       ">= %d)", ACLONE_PRIO_BACKGROUND_NICE,
                       20 - ACLONE_PRIO_BACKGROUND_NICE);
 
-
   for (unsigned k = 0; k < n; k++) {
     unsigned share = conns / n + (k < conns % n);
     r = worker_init (hy, k, c, cfg, share);
