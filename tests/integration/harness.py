@@ -154,7 +154,7 @@ class Daemon:
 class Server(Daemon):
     """An nbdkit process serving on a Unix socket (or 127.0.0.1)."""
 
-    def __init__(self, tmp, name, args, env=None, tcp_port=None):
+    def __init__(self, tmp, name, args, env=None, tcp_port=None, wrapper=()):
         self.tcp_port = tcp_port
         self.sock = os.path.join(tmp, name + ".sock")
         self.pidfile = os.path.join(tmp, name + ".pid")
@@ -164,7 +164,7 @@ class Server(Daemon):
         self.args = args
         listen = (["-i", "127.0.0.1", "-p", str(tcp_port)] if tcp_port
                   else ["-U", self.sock])
-        cmd = ["nbdkit", "-f", "--exit-with-parent"] + listen + \
+        cmd = list(wrapper) + ["nbdkit", "-f", "--exit-with-parent"] + listen + \
               ["-P", self.pidfile] + args
         super().__init__(tmp, name, cmd, lambda: os.path.exists(self.pidfile),
                          env, "nbdkit %s" % name)
@@ -320,8 +320,9 @@ class CloneTest(unittest.TestCase):
             return
         self.assertLess(took, bound, what)
 
-    def server(self, name, args, env=None, tcp_port=None):
-        s = Server(self.tmp, name, args, env, tcp_port)
+    def server(self, name, args, env=None, tcp_port=None, wrapper=()):
+        """An nbdkit serving args; wrapper: a command that runs it."""
+        s = Server(self.tmp, name, args, env, tcp_port, wrapper)
         self.servers.append(s)
         return s
 
@@ -330,7 +331,7 @@ class CloneTest(unittest.TestCase):
         return self.server(name, args)
 
     def clone(self, source=None, name="clone", dest=None, meta=None,
-              tcp_port=None, **params):
+              tcp_port=None, wrapper=(), **params):
         args = [PLUGIN]
         if source is not None:
             args.append("source=" + (source.uri if isinstance(source, Server) else source))
@@ -339,7 +340,7 @@ class CloneTest(unittest.TestCase):
             args.append("%s=%s" % (k.replace("_", "-"), v))
         env = {}
         env.update(SANITIZER_ENV)
-        return self.server(name, args, env, tcp_port)
+        return self.server(name, args, env, tcp_port, wrapper)
 
     def failio_clone(self, src, name="clone", **params):
         """A clone under tests/integration/failio.c: while self.sync_trigger
