@@ -85,7 +85,8 @@ say reattach-read $r1$? $(sum < /tmp/a) $(sum < /tmp/b)
 %(cli)s attach --device /dev/nbd5 --connections 4 --timeout 20 --reconnect 60 \
     nbd://10.0.2.2:%(port)d/vol > /tmp/attach.log 2>&1 &
 apid=$!
-sleep 2
+i=0
+while ! grep -q "attached to" /tmp/attach.log && [ $i -lt 80 ]; do sleep 0.25; i=$((i+1)); done
 dd if=/tmp/w of=/dev/nbd5 bs=1M seek=40 conv=fsync 2>/dev/null
 say attach-wrote $?
 say restart-me 3
@@ -127,8 +128,11 @@ conns() { grep -c "0202000A:$(printf %%04X %(port)d) 01 " /proc/net/tcp; }
 %(cli)s attach --device /dev/nbd6 --connections 4 --readonly --block-size 512 \
     --timeout 20 --reconnect 60 nbd://10.0.2.2:%(port)d/vol > /tmp/attach6.log 2>&1 &
 mpid=$!
+# Connected sockets come before NBD_CMD_CONNECT: the device has its
+# attributes once aclone attach says so.
 i=0
-while [ $(conns) -lt 4 ] && [ $i -lt 80 ]; do sleep 0.25; i=$((i+1)); done
+while { [ $(conns) -lt 4 ] || ! grep -q "attached to" /tmp/attach6.log; } &&
+      [ $i -lt 80 ]; do sleep 0.25; i=$((i+1)); done
 say multi-attached $(cat /sys/block/nbd6/ro) $(cat /sys/block/nbd6/queue/logical_block_size) $(conns)
 dd if=/dev/urandom of=/dev/nbd6 bs=4096 count=1 seek=100 oflag=direct 2>/dev/null
 say multi-write $?
