@@ -138,7 +138,9 @@ struct aclone_live {
   uint64_t fg_pace_cuts;      /* ...and found the copy cost them */
   uint64_t fg_svc_quiet_ns;   /* last probe: median client read, quiet */
   uint64_t fg_svc_copy_ns;    /* ...and while copying */
-  uint64_t reserved[6];
+  uint64_t bytes_cor;         /* of bytes_copied, those copied for clients'
+                               * reads (copy-on-read) */
+  uint64_t reserved[5];
   char     last_error[256];
   /* Control: written by "aclone pause|resume|set", polled by the server. */
   uint64_t ctl_pause;         /* 1 = paused */

@@ -42,6 +42,7 @@ struct status {
   bool in_use;
   uint64_t hydrated;
   uint64_t bytes_copied, bytes_skipped, in_flight, errors, rate;
+  uint64_t bytes_cor;           /* of bytes_copied, copied on read */
   int64_t pid;
   double updated;              /* unix time of the live page's last update */
   const char *state;

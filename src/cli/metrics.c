@@ -26,7 +26,7 @@
  */
 enum metric {
   M_READABLE, M_INFO, M_SERVER, M_STATE, M_SIZE, M_REGION_SIZE, M_REGIONS,
-  M_HYDRATED, M_COPIED, M_SKIPPED, M_ERRORS, M_IN_FLIGHT, M_RATE, M_ETA,
+  M_HYDRATED, M_COPIED, M_COPIED_ON_READ, M_SKIPPED, M_ERRORS, M_IN_FLIGHT, M_RATE, M_ETA,
   M_UPDATED, M_WINDOW, M_LATENCY, NMETRICS
 };
 
@@ -52,6 +52,9 @@ static const struct family {
     "Regions hydrated (held by the destination)", NULL, 1 },
   [M_COPIED] = { "aclone_copied_bytes_total", "counter",
     "Bytes read from the source and written to the destination", NULL, 1 },
+  [M_COPIED_ON_READ] = { "aclone_copied_on_read_bytes_total", "counter",
+    "Of the bytes copied, those copied for clients' reads (copy-on-read)",
+    NULL, 1 },
   [M_SKIPPED] = { "aclone_skipped_bytes_total", "counter",
     "Bytes hydrated without copying (zero on the source, trimmed, written whole)",
     NULL, 1 },
@@ -102,6 +105,7 @@ metric_sample (enum metric m, size_t k, const struct status *s,
   case M_REGIONS: v = s->hdr.regions; break;
   case M_HYDRATED: v = s->hydrated; break;
   case M_COPIED: v = s->bytes_copied; break;
+  case M_COPIED_ON_READ: v = s->bytes_cor; break;
   case M_SKIPPED: v = s->bytes_skipped; break;
   case M_ERRORS: v = s->errors; break;
   case M_IN_FLIGHT: v = s->in_flight; break;

@@ -99,6 +99,7 @@ read_status (const char *path, const struct aclone_meta *m, struct status *s)
     }
     s->updated = live_u64 (&l->heartbeat_ns) / 1e9;
     s->bytes_copied = live_u64 (&l->bytes_copied);
+    s->bytes_cor = live_u64 (&l->bytes_cor);
     s->bytes_skipped = live_u64 (&l->bytes_skipped);
     s->errors = live_u64 (&l->errors);
     memcpy (s->last_error, l->last_error, sizeof s->last_error);
@@ -204,6 +205,7 @@ status_json (const struct status *s)
   json_add_u64 (o, "hydrated", s->hydrated);
   json_add_double (o, "percent", s->percent, "%.2f");
   json_add_u64 (o, "bytes_copied", s->bytes_copied);
+  json_add_u64 (o, "bytes_copied_on_read", s->bytes_cor);
   json_add_u64 (o, "bytes_skipped", s->bytes_skipped);
   json_add_u64 (o, "in_flight", s->in_flight);
   json_object_object_add (o, "state", json_object_new_string (s->state));
@@ -251,6 +253,11 @@ print_status (const struct status *s)
           s->percent);
   printf ("bytes copied:  %llu (%s)\n", (unsigned long long) s->bytes_copied,
           human (s->bytes_copied, b2, sizeof b2));
+  if (s->bytes_cor) {
+    char b5[32];
+    printf ("  on read:     %llu (%s)\n", (unsigned long long) s->bytes_cor,
+            human (s->bytes_cor, b5, sizeof b5));
+  }
   printf ("bytes skipped: %llu (%s)\n", (unsigned long long) s->bytes_skipped,
           human (s->bytes_skipped, b3, sizeof b3));
   printf ("state:         %s\n", s->state);

@@ -58,6 +58,7 @@ struct aclone_clone {
    * atomic, advisory.
    */
   atomic_uint_fast64_t bytes_copied, bytes_skipped, errors, in_flight;
+  atomic_uint_fast64_t bytes_cor;  /* of bytes_copied, copied on read */
   pthread_mutex_t err_lock;      /* protects last_error */
   char last_error[256];
 
@@ -148,8 +149,9 @@ int aclone_clone_copy_landed (struct aclone_clone *c, uint64_t first,
 
 /* Hydrate regions [first, first+count) that are not hydrated yet, by
  * copying from the source; optionally fill out[] with device bytes
- * [out_off, out_off+out_len) inside that range.  Must be called with the
- * region lock for the range held.
+ * [out_off, out_off+out_len) inside that range (a client's read: the
+ * copies count as copied on read).  Must be called with the region lock
+ * for the range held.
  */
 int aclone_clone_copy_locked (struct aclone_clone *c, uint64_t first,
                               uint64_t count, void *out, uint64_t out_off,
@@ -262,6 +264,13 @@ static inline uint64_t
 aclone_clone_bytes_copied (struct aclone_clone *c)
 {
   return atomic_load (&c->bytes_copied);
+}
+
+/* Of those, the bytes copied for clients' reads (copy-on-read). */
+static inline uint64_t
+aclone_clone_bytes_copied_on_read (struct aclone_clone *c)
+{
+  return atomic_load (&c->bytes_cor);
 }
 
 static inline uint64_t

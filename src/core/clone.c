@@ -292,7 +292,8 @@ cor_land (void *opaque, const struct aclone_wb_copy *w)
 {
   struct aclone_clone *c = opaque;
 
-  land_copy (c, w->first, w->count, w->buf, w->off, w->len, false);
+  if (land_copy (c, w->first, w->count, w->buf, w->off, w->len, false) == 0)
+    atomic_fetch_add (&c->bytes_cor, w->len);
   atomic_fetch_sub (&c->in_flight, w->len);
   aclone_map_unlock (&c->map, w->first, w->count);
 }
@@ -396,6 +397,8 @@ aclone_clone_copy_locked (struct aclone_clone *c, uint64_t first,
         int wr = land_copy (c, r, n, buf, b0, len, false);
         if (wr < 0 && !out)
           ret = wr;
+        if (wr == 0 && out)
+          atomic_fetch_add (&c->bytes_cor, len);
         if (ret == 0 && o0 < o1 && buf == bounce)
           memcpy ((char *) out + (o0 - out_off), bounce + (o0 - b0), o1 - o0);
       }
@@ -1113,6 +1116,7 @@ aclone_clone_publish (struct aclone_clone *c, enum aclone_state state)
   LIVE_STORE (state, (uint64_t) state);
   LIVE_STORE (regions_hydrated, atomic_load (&c->map.nr_hydrated));
   LIVE_STORE (bytes_copied, atomic_load (&c->bytes_copied));
+  LIVE_STORE (bytes_cor, atomic_load (&c->bytes_cor));
   LIVE_STORE (bytes_skipped, atomic_load (&c->bytes_skipped));
   LIVE_STORE (in_flight, atomic_load (&c->in_flight));
   LIVE_STORE (errors, atomic_load (&c->errors));
@@ -1320,6 +1324,7 @@ clone_new (const struct aclone_clone_config *cfg, struct aclone_meta *meta,
                 dest->created || (meta->hdr.flags & ACLONE_FLAG_DEST_ZERO));
   if (meta->live->magic == ACLONE_LIVE_MAGIC) {
     atomic_store (&c->bytes_copied, meta->live->bytes_copied);
+    atomic_store (&c->bytes_cor, meta->live->bytes_cor);
     atomic_store (&c->bytes_skipped, meta->live->bytes_skipped);
     atomic_store (&c->errors, meta->live->errors);
   }

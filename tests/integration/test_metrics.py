@@ -89,6 +89,7 @@ def expected(st):
          ("aclone_regions", ()): st["regions"],
          ("aclone_hydrated_regions", ()): st["hydrated"],
          ("aclone_copied_bytes_total", ()): st["bytes_copied"],
+         ("aclone_copied_on_read_bytes_total", ()): st["bytes_copied_on_read"],
          ("aclone_skipped_bytes_total", ()): st["bytes_skipped"],
          ("aclone_errors_total", ()): st["errors"],
          ("aclone_in_flight_bytes", ()): st["in_flight"],

@@ -136,8 +136,9 @@ test_read_copy_on_read (void **state)
   assert_int_equal (aclone_clone_pread (f->c, buf, 1234, SIZE - 1234), 0);
   assert_memory_equal (buf, f->model + SIZE - 1234, 1234);
   assert_true (aclone_map_hydrated (&f->c->map, REGIONS - 1));
-  /* Copied: region 1, then 0, 2 and 3, then the tail. */
+  /* Copied: region 1, then 0, 2 and 3, then the tail; all on read. */
   assert_int_equal (atomic_load (&f->c->bytes_copied), 4 * RS + 1234);
+  assert_int_equal (aclone_clone_bytes_copied_on_read (f->c), 4 * RS + 1234);
 }
 
 /* Make dest refuse writes from now on (EBADF): the clone's fd becomes a
@@ -206,6 +207,7 @@ test_read_copy_on_read_behind (void **state)
   assert_false (aclone_map_hydrated (&f->c->map, 2));
   assert_int_equal (atomic_load (&f->c->errors), 1);
   assert_int_equal (atomic_load (&f->c->bytes_copied), RS);
+  assert_int_equal (aclone_clone_bytes_copied_on_read (f->c), RS);
   assert_int_equal (atomic_load (&f->c->in_flight), 0);
 }
 
@@ -854,6 +856,8 @@ test_hydrator_rate_limit (void **state)
   __atomic_store_n (&f->c->meta->live->ctl_rate, 0, __ATOMIC_RELAXED);
   wait_complete (f->c, 30);
   check_model (f);
+  /* The hydrator's copies are not copies on read. */
+  assert_int_equal (aclone_clone_bytes_copied_on_read (f->c), 0);
 }
 
 static void
