@@ -83,7 +83,13 @@ LOG_fuzz     = $(FUZZ_BUILD)/meson-logs/testlog.json
 LOG_deb      = $(DEB_BUILD)/testlog.json
 LOG_mutants  = $(MUTANT_BUILD)/testlog.json
 
-MESON_TEST = $(MESON) test --print-errorlogs --num-processes 2
+# (--no-rebuild: each stage builds first; the lanes share build/, and two
+# ninjas must not run in one build directory at once.)
+MESON_TEST = $(MESON) test --no-rebuild --print-errorlogs --num-processes 2
+
+# What a stage of the default build needs first: the build, unless make
+# check's lanes run it (make check built it before they start).
+STAGE_BUILD ?= build
 
 # promtool, for the metrics test: from Debian's prometheus package,
 # unpacked into the build tree rather than installed, since installing the
@@ -97,12 +103,12 @@ $(CURDIR)/$(BUILD)/tools/promtool:
 	cp $(BUILD)/tools/pkg/root/usr/bin/promtool $@
 	rm -rf $(BUILD)/tools/pkg
 
-check-normal: build $(PROMTOOL)
+check-normal: $(STAGE_BUILD) $(PROMTOOL)
 	ACLONE_PROMTOOL=$(PROMTOOL) $(MESON_TEST) -C $(BUILD) --no-suite vm
 
 # The VM test alone (its own stage, so that it runs in another lane than
 # the rest of the normal build's tests).
-check-vm: build
+check-vm: $(STAGE_BUILD)
 	$(MESON_TEST) -C $(BUILD) --suite vm --logbase vm
 
 # memcheck errors and definite leaks fail a unit test.
@@ -110,7 +116,7 @@ VALGRIND = valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-k
 # (Not the ring test: valgrind does not model io_uring's shared rings, and
 # ASan and TSan run it instead.)
 VALGRIND_TESTS = meta map clone powerloss fgctl
-check-valgrind: build
+check-valgrind: $(STAGE_BUILD)
 	$(MESON_TEST) -C $(BUILD) --wrapper '$(VALGRIND)' --logbase valgrind \
 	  $(VALGRIND_TESTS)
 
@@ -188,11 +194,11 @@ check: build
 	 [ $$rc = 0 ] && [ $$st = 0 ]
 
 check-lane-a:
-	@$(MAKE) --no-print-directory -k -j1 $(addprefix check-,$(LANE_A))
+	@$(MAKE) --no-print-directory -k -j1 STAGE_BUILD= $(addprefix check-,$(LANE_A))
 check-lane-b:
-	@$(MAKE) --no-print-directory -k -j1 $(addprefix check-,$(LANE_B))
+	@$(MAKE) --no-print-directory -k -j1 STAGE_BUILD= $(addprefix check-,$(LANE_B))
 check-lane-c:
-	@$(MAKE) --no-print-directory -k -j1 $(addprefix check-,$(LANE_C))
+	@$(MAKE) --no-print-directory -k -j1 STAGE_BUILD= $(addprefix check-,$(LANE_C))
 
 # The suite on a busy machine: it must pass there too (bounds catch
 # hangs, they do not measure speed).
@@ -208,12 +214,14 @@ check-stages: $(addprefix check-,$(STAGES))
 
 # Mutation check: each patch in tests/mutants/ breaks one rule on purpose;
 # the tests it names must fail.  About 5 minutes on this machine, so it is
-# not in make check but run after it passes (.ci/run does): the tests are
-# not run unmutated first (--no-baseline), make check's normal stage ran
-# them on this tree.
+# not in make check.  Alone it first runs those tests unmutated (a test
+# that fails there would "kill" every mutant); .ci/run skips that
+# (MUTANTS_FLAGS=--no-baseline) right after make check, whose normal
+# stage ran them on the same tree.
+MUTANTS_FLAGS ?=
 check-mutants: deps
 	@rm -f $(LOG_mutants)
-	@tests/mutants/run --no-baseline $(MUTANT_BUILD); rc=$$?; \
+	@tests/mutants/run $(MUTANTS_FLAGS) $(MUTANT_BUILD); rc=$$?; \
 	 python3 tests/summary.py mutants=$(LOG_mutants); st=$$?; \
 	 [ $$rc = 0 ] && [ $$st = 0 ]
 

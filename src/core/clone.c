@@ -1115,8 +1115,11 @@ aclone_clone_publish (struct aclone_clone *c, enum aclone_state state)
   LIVE_STORE (heartbeat_ns, aclone_wall_ns ());
   LIVE_STORE (state, (uint64_t) state);
   LIVE_STORE (regions_hydrated, atomic_load (&c->map.nr_hydrated));
-  LIVE_STORE (bytes_copied, atomic_load (&c->bytes_copied));
+  /* (The part first: a copy adds to the whole first, so the part
+   * shown never exceeds it.)
+   */
   LIVE_STORE (bytes_cor, atomic_load (&c->bytes_cor));
+  LIVE_STORE (bytes_copied, atomic_load (&c->bytes_copied));
   LIVE_STORE (bytes_skipped, atomic_load (&c->bytes_skipped));
   LIVE_STORE (in_flight, atomic_load (&c->in_flight));
   LIVE_STORE (errors, atomic_load (&c->errors));

@@ -320,7 +320,9 @@ depth_limit (struct worker *h)
    * charges each batch, miss_charge, and copies-on-read are charged
    * here).  The floor is there so that the clone completes: a client
    * whose misses are copied on read moves it on by itself, and a batch
-   * begun beside those misses would only delay them.
+   * begun beside those misses would only delay them.  (The clients'
+   * other copies, the rest of a region a write covers in part and
+   * NBD_CMD_CACHE, are not charged: that only favours the batches.)
    */
   double fill = (double) floor * (now - hy->miss_refill_ns) / 1e9;
   uint64_t cor = aclone_clone_bytes_copied_on_read (h->c);

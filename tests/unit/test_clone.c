@@ -174,6 +174,7 @@ test_read_copy_on_read_dest_fails (void **state)
   assert_memory_equal (buf, f->model + 3 * RS, sizeof buf);
   assert_int_equal (atomic_load (&f->c->errors), 1);   /* no copy tried */
   assert_int_equal (atomic_load (&f->c->bytes_copied), 0);
+  assert_int_equal (aclone_clone_bytes_copied_on_read (f->c), 0);
 }
 
 /* Started, copy-on-read writes behind its replies: the reply holds the
