@@ -2,8 +2,9 @@
 #
 #   make demo     clone a disk holding ext4, read a file from the clone
 #   make check    every test stage below, each running what it adds once:
-#                   normal    unit and integration tests (all but the VM's)
-#                   vm        the VM test (the kernel's NBD client, qemu)
+#                   normal    unit and integration tests (all but vm's)
+#                   vm        the tests that run qemu: the VM test (the
+#                             kernel's NBD client, qemu), qemu-img/qemu-io
 #                   valgrind  the unit tests under memcheck
 #                   san       unit tests and the integration tests that
 #                             drive the core hardest, under ASan+UBSan
@@ -106,8 +107,9 @@ $(CURDIR)/$(BUILD)/tools/promtool:
 check-normal: $(STAGE_BUILD) $(PROMTOOL)
 	ACLONE_PROMTOOL=$(PROMTOOL) $(MESON_TEST) -C $(BUILD) --no-suite vm
 
-# The VM test alone (its own stage, so that it runs in another lane than
-# the rest of the normal build's tests).
+# The tests that run qemu (the VM test, qemu-img and qemu-io as clients):
+# a stage of their own, so that they run in another lane than the rest of
+# the normal build's tests.
 check-vm: $(STAGE_BUILD)
 	$(MESON_TEST) -C $(BUILD) --suite vm --logbase vm
 
@@ -180,8 +182,9 @@ check-deb: deps
 # that fails before it writes its results (a build error) leaves no log,
 # which the summary counts as a failure.  Each lane's output is shown when
 # it ends (-O).  The lanes are balanced by each stage's seconds of tests
-# in a make check run (2026-12-02, this 2-core machine: normal 430 |
-# san 345, valgrind 43 | vm 82, tsan 214, deb 66, fuzz 32).
+# in a make check run (2026-12-02, this 2-core machine: normal 450 |
+# san 341, valgrind 55 | vm 100 (the VM test alone), tsan 226, deb 64,
+# fuzz 32), then the qemu test (20) moved from normal to vm.
 LANE_A = normal
 LANE_B = san valgrind
 LANE_C = vm tsan deb fuzz
