@@ -346,15 +346,30 @@ class ForegroundTest(CloneTest):
         self.assertGreaterEqual(copied, 4 * MiB, "batches copied %d bytes in "
                                 "8 s beside a client that always misses" % copied)
 
+    def hydration_during_misses(self, t0, t1):
+        """(client misses, [sizes of hydration reads begun during them])
+        in the source's log between t0 and t1.  The client's misses are
+        whole regions copied on read, or 4 KiB reads of a region another
+        of its reads is copying.  Hydration reads are of 4 regions (an
+        eighth of hydrate-batch 2M), fewer where a run of regions to copy
+        ends: those of one region are not told apart from the client's,
+        and not counted."""
+        reads = [r for r in source_reads(self.log) if t0 <= r[0] <= t1]
+        misses = [(b, e) for b, e, off, n in reads
+                  if n <= RS and off >= 192 * MiB and e is not None]
+        during = [n for b, e, off, n in reads
+                  if n > RS and any(mb < b < me for mb, me in misses)]
+        return misses, during
+
     @controller_timing
     def test_copies_on_read_count_toward_the_floor(self):
         """A client whose misses are copied on read moves the clone on by
-        itself: while those copies keep up with the progress floor,
-        batches take no share of their own beside the misses (with
-        copy-on-read off they do: the test above).  The source's log
-        shows it: the client's misses are whole regions (its 4 KiB reads
-        copied on read), and hydration's reads begun during them are
-        few."""
+        itself, and those copies count toward the progress floor: while
+        they keep up with it, batches take no share of their own beside
+        the misses (with copy-on-read off they do: the test above); with
+        the floor set above them (`aclone set floor=`), batches take the
+        rest.  The source's log shows both: hydration's reads begun during
+        the client's misses."""
         src = self.link_source(256 * MiB)
         c = self.clone(src, hydrate_batch="2M", hydrate_floor="512K")
         wait_for(lambda: status(self.meta)["bytes_copied"] >= 12 * MiB, 60,
@@ -368,34 +383,39 @@ class ForegroundTest(CloneTest):
             time.sleep(8)
             t1 = time.time()
             cor = status(self.meta)["bytes_copied_on_read"] - a
+            # The floor above the copies on read (about 2 MiB/s of the
+            # link's 4): batches take the rest.
+            cli("set", self.meta, "floor=3M")
+            time.sleep(2)
+            t2 = time.time()
+            time.sleep(8)
+            t3 = time.time()
         finally:
             client.stop()
-        # The client's misses: whole regions copied on read, or 4 KiB
-        # reads of a region another of its reads is copying.  Hydration
-        # reads are of 4 regions (an eighth of hydrate-batch), fewer
-        # where a run of regions to copy ends: those of one region are
-        # not told apart from the client's, and not counted.
-        reads = [r for r in source_reads(self.log) if t0 <= r[0] <= t1]
-        misses = [(b, e) for b, e, off, n in reads
-                  if n <= RS and off >= 192 * MiB and e is not None]
-        during = [n for b, e, off, n in reads
-                  if n > RS and any(mb < b < me for mb, me in misses)]
-        print("copied on read %d bytes in %.1f s, %d misses; hydration reads "
-              "begun during them: %d, %d bytes" % (cor, t1 - t0, len(misses),
-                                                   len(during), sum(during)))
+        misses, during = self.hydration_during_misses(t0, t1)
+        print("floor 512K: copied on read %d bytes in %.1f s, %d misses; "
+              "hydration reads begun during them: %d, %d bytes" %
+              (cor, t1 - t0, len(misses), len(during), sum(during)))
         self.assertGreaterEqual(len(misses), 20, "too few misses to judge")
         # The premise: the client's copies are well above the floor.
-        # (Without this rule, batches took the floor's share beside them,
+        # (Without the charge, batches took the floor's share beside them,
         # 14-15 reads and 3.7-3.9 MiB in 8 s; with it, none.)
         if SANITIZED and cor < 2 * 512 * 1024 * (t1 - t0):
             print("check skipped: %s: copied on read %d bytes in %.1f s, too "
                   "few to judge under the sanitizer preload" % (self.id(), cor, t1 - t0))
-            return
-        self.assertGreaterEqual(cor, 2 * 512 * 1024 * (t1 - t0))
-        # (A batch decided just before a miss began may reach the source
-        # just after it: a few.)
-        self.assertLessEqual(sum(during), 6 * 4 * RS, "hydration reads begun "
-                             "during misses: %s" % during)
+        else:
+            self.assertGreaterEqual(cor, 2 * 512 * 1024 * (t1 - t0))
+            # (A batch decided just before a miss began may reach the
+            # source just after it: a few.)
+            self.assertLessEqual(sum(during), 6 * 4 * RS, "hydration reads "
+                                 "begun during misses: %s" % during)
+        misses, during = self.hydration_during_misses(t2, t3)
+        print("floor 3M: %d misses; hydration reads begun during them: %d, "
+              "%d bytes" % (len(misses), len(during), sum(during)))
+        self.assertGreaterEqual(len(misses), 20, "too few misses to judge")
+        # (3.9-5.2 MiB in 8 s; charged four times over, nothing.)
+        self.assertGreaterEqual(sum(during), 2 * MiB, "hydration reads begun "
+                                "during misses: %s" % during)
 
     @controller_timing
     def test_floor_suspends_client_cuts(self):
