@@ -326,15 +326,8 @@ class ForegroundTest(CloneTest):
         batches yield to misses, does not stop the copy: batches still
         begin at the progress floor's rate, and regions the client never
         reads are hydrated."""
-        src = self.link_source(256 * MiB)
-        c = self.clone(src, hydrate_floor="1M", copy_on_read="false")
-        # Past the link's first burst (its bucket starts full, 8 MiB).
-        wait_for(lambda: status(self.meta)["bytes_copied"] >= 12 * MiB, 60,
-                 "hydration to run past the link's first burst")
-        client = BusyClient(c, 64 * MiB, base=192 * MiB)
+        c, client = self.busy_link_clone(hydrate_floor="1M", copy_on_read="false")
         try:
-            wait_for(lambda: status(self.meta)["foreground"]["limited_by"] == "client",
-                     30, "client cuts")
             a = status(self.meta)["bytes_copied"]
             time.sleep(8)
             copied = status(self.meta)["bytes_copied"] - a
@@ -345,6 +338,25 @@ class ForegroundTest(CloneTest):
         # to nothing (copy-on-read is off: every byte is theirs).
         self.assertGreaterEqual(copied, 4 * MiB, "batches copied %d bytes in "
                                 "8 s beside a client that always misses" % copied)
+
+    def busy_link_clone(self, **params):
+        """(clone, BusyClient): a clone of a 256 MiB link_source with
+        plugin parameters params, past the link's first burst (its bucket
+        starts full, 8 MiB), and a client busy in its last 64 MiB that
+        the controller has seen (client cuts).  The caller stops the
+        client."""
+        src = self.link_source(256 * MiB)
+        c = self.clone(src, **params)
+        wait_for(lambda: status(self.meta)["bytes_copied"] >= 12 * MiB, 60,
+                 "hydration to run past the link's first burst")
+        client = BusyClient(c, 64 * MiB, base=192 * MiB)
+        try:
+            wait_for(lambda: status(self.meta)["foreground"]["limited_by"] == "client",
+                     30, "client cuts")
+        except BaseException:
+            client.stop()
+            raise
+        return c, client
 
     def hydration_during_misses(self, t0, t1):
         """(client misses, [sizes of hydration reads begun during them])
@@ -370,14 +382,8 @@ class ForegroundTest(CloneTest):
         the floor set above them (`aclone set floor=`), batches take the
         rest.  The source's log shows both: hydration's reads begun during
         the client's misses."""
-        src = self.link_source(256 * MiB)
-        c = self.clone(src, hydrate_batch="2M", hydrate_floor="512K")
-        wait_for(lambda: status(self.meta)["bytes_copied"] >= 12 * MiB, 60,
-                 "hydration to run past the link's first burst")
-        client = BusyClient(c, 64 * MiB, base=192 * MiB)
+        c, client = self.busy_link_clone(hydrate_batch="2M", hydrate_floor="512K")
         try:
-            wait_for(lambda: status(self.meta)["foreground"]["limited_by"] == "client",
-                     30, "client cuts")
             a = status(self.meta)["bytes_copied_on_read"]
             t0 = time.time()
             time.sleep(8)
