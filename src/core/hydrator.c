@@ -247,10 +247,11 @@ paused (struct worker *h)
  * stay under the progress floor's rate (between misses batches are not
  * held): the miss shares that path, and every byte hydration sends while
  * it waits delays it, but a client that always has a miss waiting must
- * not stop the copy (the floor is a tenth of what the source gives).  On a path bound by its latency (a
- * long, fast one) a batch does not delay the miss, and holding would
- * only slow the copy.  No hold before the floor is known, nor while
- * backing off from a failure, which only a batch that succeeds ends.
+ * not stop the copy (the floor is a tenth of what the source gives).
+ * On a path bound by its latency (a long, fast one) a batch does not
+ * delay the miss, and holding would only slow the copy.  No hold before
+ * the floor is known, nor while backing off from a failure, which only
+ * a batch that succeeds ends.
  * Between misses the window is the controller's.
  *
  * Also sets this turn's batch size (pick_regions):
