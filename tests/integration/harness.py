@@ -136,6 +136,31 @@ class Daemon:
     def alive(self):
         return self.proc.poll() is None
 
+    def freeze(self, timeout=10):
+        """SIGSTOP the process and wait until every thread of it is
+        stopped.  kill() returns once the stop is pending, and the kernel
+        wakes one thread to act on it; the others run on (and may answer
+        a request) until that thread is scheduled, which under make
+        check's load took long enough for a test's read to be served.
+        Returns a function that resumes it (SIGCONT)."""
+        pid = self.proc.pid
+        os.kill(pid, signal.SIGSTOP)
+
+        def all_stopped():
+            try:
+                tids = os.listdir("/proc/%d/task" % pid)
+                states = []
+                for t in tids:
+                    with open("/proc/%d/task/%s/stat" % (pid, t)) as f:
+                        # The state follows the ")" closing the name.
+                        states.append(f.read().rsplit(")", 1)[1].split()[0])
+            except (FileNotFoundError, ProcessLookupError):
+                return False
+            return bool(states) and all(st in ("T", "t") for st in states)
+        wait_for(all_stopped, timeout, "%s to stop (SIGSTOP)" % self.name,
+                 interval=0.005)
+        return lambda: os.kill(pid, signal.SIGCONT)
+
     def stop(self, sig=signal.SIGTERM, timeout=STOP_TIMEOUT):
         """Stop the server; returns seconds it took to exit."""
         t0 = time.monotonic()
