@@ -79,6 +79,7 @@
 #define CLIENTS_IDLE_NS 1000000000ull        /* idle priority while served */
 #define MISSES_RECENT_NS 1000000000ull       /* small batches after a miss */
 #define MISS_BATCH_DIV   8                   /* ...hydrate-batch / 8 */
+#define MISS_HOLD_NS     50000000ull         /* a miss holds batches: 50 ms */
 #define WRITE_PIECE_SERVED (64u << 10)      /* copy write piece while served */
 #define FLOOR_DEFAULT_DIV 10                 /* floor: a tenth of the best */
 #define STOP_DRAIN_NS    1000000000ull       /* reads finishing at stop */
@@ -241,18 +242,24 @@ paused (struct worker *h)
  * split between the workers so that the shares add up to it exactly; a
  * window below the number of workers leaves some of them idle.
  *
- * While a client read waits for the source (a miss) and the path there
- * is bound by its bandwidth (aclone_fgctl_link_bound), batches begin
- * only while all copies, the batches and the clients' copies-on-read,
- * stay under the progress floor's rate (between misses batches are not
- * held): the miss shares that path, and every byte hydration sends while
- * it waits delays it, but a client that always has a miss waiting must
- * not stop the copy (the floor is a tenth of what the source gives).
+ * While a client read waits for the source (a miss), or one began less
+ * than MISS_HOLD_NS ago, and the path there is bound by its bandwidth
+ * (aclone_fgctl_link_bound), batches begin only while all copies, the
+ * batches and the clients' copies-on-read, stay under the progress
+ * floor's rate: the miss shares that path, and every byte hydration
+ * sends while it waits delays it, but a client that always has a miss
+ * waiting must not stop the copy (the floor is a tenth of what the
+ * source gives).  The hold outlasts the miss because a guest's misses
+ * come in trains (a file, then the next, each a miss after a little
+ * local work): a batch begun in the gap is what the next miss waits
+ * behind.  A gap longer than the hold leaves the link to the batches.
  * On a path bound by its latency (a long, fast one) a batch does not
  * delay the miss, and holding would only slow the copy.  No hold before
- * the floor is known, nor while backing off from a failure, which only
- * a batch that succeeds ends.
- * Between misses the window is the controller's.
+ * the floor is known (the first second: what the source gives is
+ * measured by copying, and holding then would take the clients' few
+ * misses for all a long, fast path can give), nor while backing off
+ * from a failure, which only a batch that succeeds ends.
+ * Otherwise the window is the controller's.
  *
  * Also sets this turn's batch size (pick_regions):
  *
@@ -335,7 +342,7 @@ depth_limit (struct worker *h)
   hy->miss_tokens = MAX (MIN (hy->miss_tokens + fill, (double) floor),
                          -(double) floor);
   hy->miss_refill_ns = now;
-  bool hold = yield && aclone_clone_client_missing (h->c, 0);
+  bool hold = yield && aclone_clone_client_missing (h->c, MISS_HOLD_NS);
   bool spent = hold && hy->miss_tokens <= 0;
   pthread_mutex_unlock (&hy->fg_lock);
   h->pick_regions = pick;

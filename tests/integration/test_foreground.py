@@ -28,6 +28,7 @@ from test_hydration import peak_reads
 
 MiB = 1 << 20
 RS = 64 * 1024
+MISS = 48 * 1024          # a client miss: no hydration read is this size
 
 
 def threads(pid):
@@ -246,8 +247,8 @@ class ForegroundTest(CloneTest):
         """While a client's read waits for the source (a miss) on a path
         bound by its bandwidth, hydration begins no read (the floor's
         share aside, set low here): each of its bytes would delay the
-        miss.  Between
-        misses it copies, in batches of an eighth of hydrate-batch.  The
+        miss.  In gaps between misses longer than the hold after each
+        (50 ms) it copies, in batches of an eighth of hydrate-batch.  The
         source's log shows both: the client's reads are its only 48 KiB
         ones (copy-on-read off), hydration's are whole regions."""
         # On this link a batch of 128 KiB takes longer to arrive than
@@ -265,7 +266,7 @@ class ForegroundTest(CloneTest):
             # Offsets far apart, in the last 64 MiB: misses, unless
             # hydration got there first (then they never reach the log).
             h.pread(miss, 192 * MiB + i * 1531 * 1024)
-            time.sleep(0.02)                  # a gap: hydration may begin
+            time.sleep(0.1)                   # a gap: hydration may begin
         h.shutdown()
         reads = source_reads(self.log)
         misses = [(b, e) for b, e, _, n in reads if n == miss and e is not None]
@@ -291,6 +292,40 @@ class ForegroundTest(CloneTest):
                                 "between misses to judge their size")
         self.assertLessEqual(max(between), 2 * RS, "batches between misses: "
                              "%s bytes" % sorted(set(between)))
+
+    def miss_train(self, h, n, gap, base=192 * MiB):
+        """n misses of MISS bytes (no hydration read is that size) far
+        apart from base, gap seconds between them; returns the source's
+        log entries of theirs that ended, as (begin, end)."""
+        for i in range(n):
+            h.pread(MISS, base + i * 1531 * 1024)
+            time.sleep(gap)
+        return [(b, e) for b, e, _, n in source_reads(self.log)
+                if n == MISS and e is not None]
+
+    @controller_timing
+    def test_a_train_of_misses_holds_batches(self):
+        """Misses that follow each other closely, as a guest reading file
+        after file, hold batches in the gaps between them too (here 20 ms;
+        the hold lasts 50 ms after a miss): a batch begun in a gap is what
+        the next miss waits behind.  The source's log shows no hydration
+        read begun from the third miss to the last (the floor's share
+        aside, set low)."""
+        src = self.link_source(256 * MiB)
+        c = self.clone(src, copy_on_read="false", hydrate_batch="1M",
+                       hydrate_floor="1")
+        wait_for(lambda: status(self.meta)["bytes_copied"] >= 12 * MiB, 60,
+                 "hydration to run past the link's first burst")
+        h = c.connect()
+        misses = self.miss_train(h, 40, 0.02)
+        h.shutdown()
+        self.assertGreaterEqual(len(misses), 20, "too few misses to judge")
+        # (Held only while a miss waits: 24 reads begun in the gaps.)
+        first, last = misses[2][1], misses[-1][0]
+        begun = [(b, n) for b, e, _, n in source_reads(self.log)
+                 if n != MISS and first < b < last]
+        self.assertLessEqual(len(begun), 2, "hydration reads begun between "
+                             "%d misses 20 ms apart: %s" % (len(misses), begun))
 
     @controller_timing
     def test_no_hold_on_a_source_that_does_not_queue(self):
