@@ -251,26 +251,9 @@ class ForegroundTest(CloneTest):
         (50 ms) it copies, in batches of an eighth of hydrate-batch.  The
         source's log shows both: the client's reads are its only 48 KiB
         ones (copy-on-read off), hydration's are whole regions."""
-        # On this link a batch of 128 KiB takes longer to arrive than
-        # the base latency: bound by its bandwidth.
-        src = self.link_source(256 * MiB)
-        # (A floor of 1 byte/s: the default would lift the rule if the
-        # misses went on for long on a slow machine.)
-        c = self.clone(src, copy_on_read="false", hydrate_batch="1M",
-                       hydrate_floor="1")
-        wait_for(lambda: status(self.meta)["bytes_copied"] >= 12 * MiB, 60,
-                 "hydration to run past the link's first burst")
-        h = c.connect()
-        miss = 48 * 1024                      # no hydration read is this size
-        for i in range(40):
-            # Offsets far apart, in the last 64 MiB: misses, unless
-            # hydration got there first (then they never reach the log).
-            h.pread(miss, 192 * MiB + i * 1531 * 1024)
-            time.sleep(0.1)                   # a gap: hydration may begin
-        h.shutdown()
+        misses = self.miss_train(40, 0.1)     # gaps: hydration may begin
         reads = source_reads(self.log)
-        misses = [(b, e) for b, e, _, n in reads if n == miss and e is not None]
-        self.assertGreaterEqual(len(misses), 20, "too few misses to judge")
+        miss = MISS
         # From the end of the third miss: a batch sized before the
         # misses began (a quarter or a half of hydrate-batch) may reach
         # the source after the first ones; under TSan on a loaded machine
@@ -293,15 +276,30 @@ class ForegroundTest(CloneTest):
         self.assertLessEqual(max(between), 2 * RS, "batches between misses: "
                              "%s bytes" % sorted(set(between)))
 
-    def miss_train(self, h, n, gap, base=192 * MiB):
-        """n misses of MISS bytes (no hydration read is that size) far
-        apart from base, gap seconds between them; returns the source's
-        log entries of theirs that ended, as (begin, end)."""
+    def miss_train(self, n, gap):
+        """On a clone of a 256 MiB link_source with copy-on-read off and a
+        floor of 1 byte/s (the default would lift the hold if the misses
+        went on for long on a slow machine), past the link's first burst:
+        n misses of MISS bytes, gap seconds apart, at offsets far apart
+        in the last 64 MiB (misses, unless hydration got there first:
+        then they never reach the log).  Returns the source's log entries
+        of those that ended, as (begin, end); at least 20 of them.  On
+        this link a batch of 128 KiB takes longer to arrive than the base
+        latency: bound by its bandwidth."""
+        src = self.link_source(256 * MiB)
+        c = self.clone(src, copy_on_read="false", hydrate_batch="1M",
+                       hydrate_floor="1")
+        wait_for(lambda: status(self.meta)["bytes_copied"] >= 12 * MiB, 60,
+                 "hydration to run past the link's first burst")
+        h = c.connect()
         for i in range(n):
-            h.pread(MISS, base + i * 1531 * 1024)
+            h.pread(MISS, 192 * MiB + i * 1531 * 1024)
             time.sleep(gap)
-        return [(b, e) for b, e, _, n in source_reads(self.log)
-                if n == MISS and e is not None]
+        h.shutdown()
+        misses = [(b, e) for b, e, _, k in source_reads(self.log)
+                  if k == MISS and e is not None]
+        self.assertGreaterEqual(len(misses), 20, "too few misses to judge")
+        return misses
 
     @controller_timing
     def test_a_train_of_misses_holds_batches(self):
@@ -311,15 +309,7 @@ class ForegroundTest(CloneTest):
         the next miss waits behind.  The source's log shows no hydration
         read begun from the third miss to the last (the floor's share
         aside, set low)."""
-        src = self.link_source(256 * MiB)
-        c = self.clone(src, copy_on_read="false", hydrate_batch="1M",
-                       hydrate_floor="1")
-        wait_for(lambda: status(self.meta)["bytes_copied"] >= 12 * MiB, 60,
-                 "hydration to run past the link's first burst")
-        h = c.connect()
-        misses = self.miss_train(h, 40, 0.02)
-        h.shutdown()
-        self.assertGreaterEqual(len(misses), 20, "too few misses to judge")
+        misses = self.miss_train(40, 0.02)
         # (Held only while a miss waits: 24 reads begun in the gaps.)
         first, last = misses[2][1], misses[-1][0]
         begun = [(b, n) for b, e, _, n in source_reads(self.log)
