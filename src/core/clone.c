@@ -545,6 +545,10 @@ clone_pread (struct aclone_clone *c, void *buf, uint32_t count,
        * before the miss ends, so that its next batch is that).
        */
       atomic_store_explicit (&c->hint, r + n + 1, memory_order_relaxed);
+      /* The hold after a miss (hydrator.c) counts from its end: on a
+       * narrow link a miss can take longer than the hold.
+       */
+      atomic_store_explicit (&c->fg_miss_ns, aclone_now_ns (), memory_order_relaxed);
       atomic_fetch_sub (&c->fg_misses, 1);
     }
     pos = seg_end;

@@ -79,7 +79,7 @@
 #define CLIENTS_IDLE_NS 1000000000ull        /* idle priority while served */
 #define MISSES_RECENT_NS 1000000000ull       /* small batches after a miss */
 #define MISS_BATCH_DIV   8                   /* ...hydrate-batch / 8 */
-#define MISS_HOLD_NS     50000000ull         /* a miss holds batches: 50 ms */
+#define MISS_HOLD_NS     50000000ull         /* held after a miss: 50 ms */
 #define WRITE_PIECE_SERVED (64u << 10)      /* copy write piece while served */
 #define FLOOR_DEFAULT_DIV 10                 /* floor: a tenth of the best */
 #define STOP_DRAIN_NS    1000000000ull       /* reads finishing at stop */
@@ -242,7 +242,7 @@ paused (struct worker *h)
  * split between the workers so that the shares add up to it exactly; a
  * window below the number of workers leaves some of them idle.
  *
- * While a client read waits for the source (a miss), or one began less
+ * While a client read waits for the source (a miss), or one ended less
  * than MISS_HOLD_NS ago, and the path there is bound by its bandwidth
  * (aclone_fgctl_link_bound), batches begin only while all copies, the
  * batches and the clients' copies-on-read, stay under the progress
@@ -259,7 +259,9 @@ paused (struct worker *h)
  * measured by copying, and holding then would take the clients' few
  * misses for all a long, fast path can give), nor while backing off
  * from a failure, which only a batch that succeeds ends.
- * Otherwise the window is the controller's.
+ * Otherwise the window is the controller's.  *held says that a miss
+ * holds the next batch now; the share returned is the window's without
+ * the hold (may_start tells whether the hold is what stops a batch).
  *
  * Also sets this turn's batch size (pick_regions):
  *
@@ -276,7 +278,7 @@ paused (struct worker *h)
  *     hydrate-batch, so that the window still holds enough of them to
  *     keep reads and writes overlapping;
  *   - while clients are active, batches are half of hydrate-batch;
- *   - while clients miss (one began within MISSES_RECENT_NS) and the
+ *   - while clients miss (one began or ended within MISSES_RECENT_NS) and the
  *     batches yield to misses as above, an eighth: a batch begun between
  *     two misses is what the next miss competes with on a link, so it is
  *     kept short.  (tests/bench/run --only 7, reading a tree over a
@@ -287,7 +289,7 @@ paused (struct worker *h)
  *     it, 1.16x.)
  */
 static unsigned
-depth_limit (struct worker *h)
+depth_limit (struct worker *h, bool *held)
 {
   struct aclone_hydrator *hy = h->hy;
   unsigned shift = h->c->map.shift;
@@ -343,13 +345,9 @@ depth_limit (struct worker *h)
                          -(double) floor);
   hy->miss_refill_ns = now;
   bool hold = yield && aclone_clone_client_missing (h->c, MISS_HOLD_NS);
-  bool spent = hold && hy->miss_tokens <= 0;
+  *held = hold && hy->miss_tokens <= 0;
   pthread_mutex_unlock (&hy->fg_lock);
   h->pick_regions = pick;
-  if (spent) {
-    atomic_store (&hy->held, true);
-    return 0;
-  }
   return w / hy->n + (h->id < w % hy->n);
 }
 
@@ -740,16 +738,29 @@ pick (struct worker *h, struct batch *b)
   return false;
 }
 
-/* May a new batch start now? */
+/* May a new batch start now?  A batch held for a miss (depth_limit)
+ * marks the second as held, so that the best rate does not decay from
+ * it (measure), but only where the hold is what stops it: a second
+ * whose batches the window, the rate limit or the pace held back did
+ * show what the copy gets.
+ */
 static bool
 may_start (struct worker *h, unsigned inflight)
 {
-  if (paused (h) || inflight >= depth_limit (h) ||
-      atomic_load (&h->hy->pace_quiet))
+  bool held;
+
+  if (paused (h))
+    return false;
+  unsigned limit = depth_limit (h, &held);
+  if (inflight >= limit || atomic_load (&h->hy->pace_quiet))
     return false;
   if (h->resume_at && aclone_now_ns () < h->resume_at)
     return false;
-  return rate_allows (h);
+  if (!rate_allows (h))
+    return false;
+  if (held)
+    atomic_store (&h->hy->held, true);
+  return !held;
 }
 
 /* The plain engine ---------------------------------------------------- */

@@ -157,8 +157,12 @@ class Daemon:
             except (FileNotFoundError, ProcessLookupError):
                 return False
             return bool(states) and all(st in ("T", "t") for st in states)
-        wait_for(all_stopped, timeout, "%s to stop (SIGSTOP)" % self.name,
-                 interval=0.005)
+        try:
+            wait_for(all_stopped, timeout, "%s to stop (SIGSTOP)" % self.name,
+                     interval=0.005)
+        except BaseException:
+            os.kill(pid, signal.SIGCONT)    # else its stop waits it out
+            raise
         return lambda: os.kill(pid, signal.SIGCONT)
 
     def stop(self, sig=signal.SIGTERM, timeout=STOP_TIMEOUT):

@@ -276,11 +276,12 @@ class ForegroundTest(CloneTest):
         self.assertLessEqual(max(between), 2 * RS, "batches between misses: "
                              "%s bytes" % sorted(set(between)))
 
-    def miss_train(self, n, gap):
+    def miss_train(self, n, gap, size=MISS):
         """On a clone of a 256 MiB link_source with copy-on-read off and a
         floor of 1 byte/s (the default would lift the hold if the misses
         went on for long on a slow machine), past the link's first burst:
-        n misses of MISS bytes, gap seconds apart, at offsets far apart
+        n misses of size bytes (no hydration read is that size), gap
+        seconds apart, at offsets far apart
         in the last 64 MiB (misses, unless hydration got there first:
         then they never reach the log).  Returns the source's log entries
         of those that ended, as (begin, end); at least 20 of them.  On
@@ -293,11 +294,11 @@ class ForegroundTest(CloneTest):
                  "hydration to run past the link's first burst")
         h = c.connect()
         for i in range(n):
-            h.pread(MISS, 192 * MiB + i * 1531 * 1024)
+            h.pread(size, 192 * MiB + i * 1531 * 1024)
             time.sleep(gap)
         h.shutdown()
         misses = [(b, e) for b, e, _, k in source_reads(self.log)
-                  if k == MISS and e is not None]
+                  if k == size and e is not None]
         self.assertGreaterEqual(len(misses), 20, "too few misses to judge")
         return misses
 
@@ -305,15 +306,19 @@ class ForegroundTest(CloneTest):
     def test_a_train_of_misses_holds_batches(self):
         """Misses that follow each other closely, as a guest reading file
         after file, hold batches in the gaps between them too (here 20 ms;
-        the hold lasts 50 ms after a miss): a batch begun in a gap is what
-        the next miss waits behind.  The source's log shows no hydration
-        read begun from the third miss to the last (the floor's share
-        aside, set low)."""
-        misses = self.miss_train(40, 0.02)
-        # (Held only while a miss waits: 24 reads begun in the gaps.)
+        the hold lasts 50 ms after a miss ends): a batch begun in a gap is
+        what the next miss waits behind.  The misses, 240 KiB, take longer
+        than the hold on this link (60-70 ms): it counts from their end.
+        The source's log shows no hydration read begun from the third
+        miss to the last (the floor's share aside, set low)."""
+        size = 240 * 1024
+        misses = self.miss_train(40, 0.02, size)
+        # (Held only while a miss waits: 24 reads begun in the gaps of
+        # 48 KiB misses; held 50 ms from a miss's start, 37 in those of
+        # 256 KiB ones.)
         first, last = misses[2][1], misses[-1][0]
         begun = [(b, n) for b, e, _, n in source_reads(self.log)
-                 if n != MISS and first < b < last]
+                 if n != size and first < b < last]
         self.assertLessEqual(len(begun), 2, "hydration reads begun between "
                              "%d misses 20 ms apart: %s" % (len(misses), begun))
 
