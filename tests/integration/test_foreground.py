@@ -313,9 +313,8 @@ class ForegroundTest(CloneTest):
         miss to the last (the floor's share aside, set low)."""
         size = 240 * 1024
         misses = self.miss_train(40, 0.02, size)
-        # (Held only while a miss waits: 24 reads begun in the gaps of
-        # 48 KiB misses; held 50 ms from a miss's start, 37 in those of
-        # 256 KiB ones.)
+        # (Held only while a miss waits, or 50 ms from a miss's start:
+        # 37 reads begun in the gaps.)
         first, last = misses[2][1], misses[-1][0]
         begun = [(b, n) for b, e, _, n in source_reads(self.log)
                  if n != size and first < b < last]
