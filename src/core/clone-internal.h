@@ -68,7 +68,7 @@ struct aclone_clone {
   atomic_uint fg_active;         /* client requests in progress */
   atomic_uint_fast64_t fg_last_ns; /* when the last client request began */
   atomic_uint fg_misses;         /* client reads waiting for the source now */
-  atomic_uint_fast64_t fg_miss_ns; /* when the last of those began or ended */
+  atomic_uint_fast64_t fg_miss_ns; /* when the last of those ended */
   atomic_uint_fast64_t bytes_missed; /* read from the source for clients
                                       * and not copied, cumulative */
   atomic_uint_fast64_t copy_write_cuts; /* copy writes cut into pieces while
@@ -203,7 +203,7 @@ aclone_clone_clients_active (struct aclone_clone *c, uint64_t within)
 
 /* Clients and the source: a client read waiting for the source now
  * (a miss, on the path hydration's reads take), or, with within > 0, one
- * begun or ended within `within` ns.
+ * ended within `within` ns.
  */
 static inline bool
 aclone_clone_client_missing (struct aclone_clone *c, uint64_t within)

@@ -521,7 +521,6 @@ clone_pread (struct aclone_clone *c, void *buf, uint32_t count,
       /* A miss: hydration starts no batch while it waits (hydrator.c). */
       all_local = false;
       atomic_fetch_add (&c->fg_misses, 1);
-      atomic_store_explicit (&c->fg_miss_ns, aclone_now_ns (), memory_order_relaxed);
       if (locked) {
         ret = cor_behind (c, r, n, p, pos, seg_end - pos);
         if (ret == 0)

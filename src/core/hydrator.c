@@ -278,7 +278,7 @@ paused (struct worker *h)
  *     hydrate-batch, so that the window still holds enough of them to
  *     keep reads and writes overlapping;
  *   - while clients are active, batches are half of hydrate-batch;
- *   - while clients miss (one began or ended within MISSES_RECENT_NS) and the
+ *   - while clients miss (one waits, or ended within MISSES_RECENT_NS) and the
  *     batches yield to misses as above, an eighth: a batch begun between
  *     two misses is what the next miss competes with on a link, so it is
  *     kept short.  (tests/bench/run --only 7, reading a tree over a
@@ -758,9 +758,11 @@ may_start (struct worker *h, unsigned inflight)
     return false;
   if (!rate_allows (h))
     return false;
-  if (held)
+  if (held) {
     atomic_store (&h->hy->held, true);
-  return !held;
+    return false;
+  }
+  return true;
 }
 
 /* The plain engine ---------------------------------------------------- */
