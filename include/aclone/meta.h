@@ -140,7 +140,9 @@ struct aclone_live {
   uint64_t fg_svc_copy_ns;    /* ...and while copying */
   uint64_t bytes_cor;         /* of bytes_copied, those copied for clients'
                                * reads (copy-on-read) */
-  uint64_t reserved[5];
+  uint64_t cor_rests;         /* rests the copy-on-read writer took, the
+                               * CPU being contended, this run */
+  uint64_t reserved[4];
   char     last_error[256];
   /* Control: written by "aclone pause|resume|set", polled by the server. */
   uint64_t ctl_pause;         /* 1 = paused */

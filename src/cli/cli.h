@@ -51,6 +51,7 @@ struct status {
   int64_t eta;                 /* seconds, -1 unknown */
   /* The foreground-first controller, while a server hydrates. */
   uint64_t window, base_ns, cur_ns, client_cuts, cor_behind, cor_pending;
+  uint64_t cor_rests;
   uint64_t lock_boosts;
   uint64_t floor;
   uint64_t pace, pace_probes, pace_cuts, svc_quiet_ns, svc_copy_ns;

@@ -90,6 +90,7 @@ read_status (const char *path, const struct aclone_meta *m, struct status *s)
       s->idle = live_u64 (&l->fg_idle) != 0;
       s->cor_behind = live_u64 (&l->cor_behind);
       s->cor_pending = live_u64 (&l->cor_pending);
+      s->cor_rests = live_u64 (&l->cor_rests);
       s->floor = live_u64 (&l->ctl_floor);
       s->pace = live_u64 (&l->fg_pace);
       s->pace_probes = live_u64 (&l->fg_pace_probes);
@@ -228,6 +229,7 @@ status_json (const struct status *s)
     json_add_u64 (f, "floor", s->floor);
     json_add_u64 (f, "cor_behind", s->cor_behind);
     json_add_u64 (f, "cor_pending", s->cor_pending);
+    json_add_u64 (f, "cor_rests", s->cor_rests);
     json_add_u64 (f, "pace", s->pace);
     json_add_u64 (f, "pace_probes", s->pace_probes);
     json_add_u64 (f, "pace_cuts", s->pace_cuts);

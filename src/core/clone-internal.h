@@ -113,6 +113,10 @@ struct aclone_clone {
    * before requests come, stopped at shutdown after they drained.
    */
   struct aclone_writebehind *wb;
+  /* The settler thread's own: a writeback error was seen while settling
+   * copies; their pages are left cached from then on (cor_settle).
+   */
+  bool wb_unsettled;
 };
 
 /* Enter FAILED, for good, with cause (printf-style): logs once and

@@ -298,6 +298,53 @@ cor_land (void *opaque, const struct aclone_wb_copy *w)
   aclone_map_unlock (&c->map, w->first, w->count);
 }
 
+/* The write-behind's settle callback (writebehind.h): copies leave the
+ * page cache once written back (dest.h).  Runs on its settler thread.
+ *   - After a failed wait, pages are kept for good: the commit's sync
+ *     reports the error (dest.h), and until then a page whose writeback
+ *     failed is the only good copy of its data.
+ *   - A range a client wrote since it landed is not dropped: its writes
+ *     take no lock once it is hydrated, and a page they dirtied after the
+ *     wait and whose writeback then failed would go with it.  What is
+ *     left: a client write under way during the check (its written bit
+ *     comes after its dest write) whose page's writeback fails within
+ *     the drop; the same risk as the kernel reclaiming that page.  Nor
+ *     is anything dropped once FAILED.
+ */
+static void
+cor_settle (void *opaque, uint64_t off, size_t len, bool end)
+{
+  struct aclone_clone *c = opaque;
+
+  if (c->wb_unsettled)
+    return;
+  if (!end) {
+    aclone_dest_settle_begin (c->dest, off, len);
+    return;
+  }
+  if (aclone_dest_settle_wait (c->dest, off, len) < 0) {
+    c->wb_unsettled = true;
+    return;
+  }
+  if (aclone_clone_mode (c) == ACLONE_MODE_FAILED)
+    return;
+  for (uint64_t r = off >> c->map.shift; r <= (off + len - 1) >> c->map.shift; r++)
+    if (aclone_map_written (&c->map, r))
+      return;
+  aclone_dest_drop_cached (c->dest, off, len);
+}
+
+/* The write-behind's may_rest callback: not while a client waits for a
+ * region lock (client_region_lock).
+ */
+static bool
+cor_may_rest (void *opaque)
+{
+  struct aclone_clone *c = opaque;
+
+  return atomic_load (&c->lock_waiters) == 0;
+}
+
 /* Copy-on-read of regions [first, first+count), locked by the caller,
  * with the write behind the reply.  Reads them whole from the source and
  * fills out[] with device bytes [out_off, out_off+out_len).  Returns
@@ -502,7 +549,12 @@ clone_pread (struct aclone_clone *c, void *buf, uint32_t count,
      * read that way; the loop tries the rest again.
      */
     bool locked = false;
-    if (!hydrated && copy) {
+    /* A writer that is behind takes no copy (cor_behind): then neither
+     * is the lock worth taking.
+     */
+    if (!hydrated && copy &&
+        (!c->wb || aclone_writebehind_has_room (c->wb, region_end (c, r + 1) -
+                                                region_start (c, r)))) {
       n = MIN (n, copy_max_regions (c));
       locked = aclone_map_trylock (&c->map, r, n);
       if (!locked)
@@ -572,11 +624,15 @@ client_region_lock (struct aclone_clone *c, uint64_t first, uint64_t count)
   /* 1. Count ourselves in: while anyone waits, no copy thread goes back
    *    to idle (hydrator.c, follow_priority, checks after it applies).
    * 2. If they may be idle now, set them to background ourselves (the
-   *    lock holder may not run to see step 1) and say so (boost_gen).
+   *    lock holder may not run to see step 1) and say so (boost_gen);
+   *    and end the copy-on-read writer's rest, if it is resting on a
+   *    copy of these regions (writebehind.h).
    * 3. Wait; 4. count ourselves out, keeping them at background a
    *    little longer, so that a burst of waits does not flap them.
    */
   atomic_fetch_add (&c->lock_waiters, 1);
+  if (c->wb)
+    aclone_writebehind_hurry (c->wb);
   if (atomic_load (&c->copies_idle)) {
     pid_t tids[ACLONE_HYDRATOR_MAX_WORKERS];
     for (unsigned i = 0; i < ACLONE_HYDRATOR_MAX_WORKERS; i++)
@@ -1131,6 +1187,7 @@ aclone_clone_publish (struct aclone_clone *c, enum aclone_state state)
   /* (Zero without a writer: nothing is left over from an earlier run.) */
   LIVE_STORE (cor_behind, c->wb ? aclone_writebehind_queued (c->wb) : 0);
   LIVE_STORE (cor_pending, c->wb ? aclone_writebehind_pending (c->wb) : 0);
+  LIVE_STORE (cor_rests, c->wb ? aclone_writebehind_rests (c->wb) : 0);
   pthread_mutex_lock (&c->err_lock);
   /* Once failed, the cause stays in view whatever comes after it. */
   const char *msg = aclone_clone_mode (c) == ACLONE_MODE_FAILED ? c->fail_cause
@@ -1203,7 +1260,12 @@ aclone_clone_start (struct aclone_clone *c, struct aclone_error *err)
   LIVE_STORE (started_ns, aclone_wall_ns ());
   aclone_clone_publish (c, current_state (c));
   if (c->copy_on_read && aclone_clone_mode (c) == ACLONE_MODE_HYDRATING) {
-    r = aclone_writebehind_start (cor_land, c, COR_BEHIND_MAX_BYTES, &c->wb);
+    struct aclone_wb_ops ops = {
+      .land = cor_land,
+      .settle = aclone_dest_settles (c->dest) ? cor_settle : NULL,
+      .may_rest = cor_may_rest,
+    };
+    r = aclone_writebehind_start (&ops, c, COR_BEHIND_MAX_BYTES, &c->wb);
     if (r < 0)
       return aclone_error_set (err, -r, "cannot start copy-on-read writer");
   }

@@ -13,10 +13,13 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
+#include <linux/magic.h>
 #include <unistd.h>
 
 #include "aclone/dest.h"
@@ -95,7 +98,7 @@ aclone_dest_open (const char *path, uint64_t size, bool create,
     free (d);
     return aclone_error_set (err, ENOMEM, "dest %s", path);
   }
-  d->fd = -1;
+  d->fd = d->settle_fd = -1;
   d->size = size;
   if (create) {
     d->fd = open (path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
@@ -122,6 +125,14 @@ aclone_dest_open (const char *path, uint64_t size, bool create,
     goto fail;
   }
   d->is_block = S_ISBLK (st.st_mode);
+  /* The same file, not the same name: the path may be renamed meanwhile. */
+  struct statfs sfs;
+  if (S_ISREG (st.st_mode) && fstatfs (d->fd, &sfs) == 0 &&
+      (sfs.f_type == EXT4_SUPER_MAGIC || sfs.f_type == XFS_SUPER_MAGIC)) {
+    char self[64];
+    snprintf (self, sizeof self, "/proc/self/fd/%d", d->fd);
+    d->settle_fd = open (self, O_RDONLY | O_CLOEXEC);
+  }
   *out = d;
   return 0;
 
@@ -137,6 +148,8 @@ aclone_dest_close (struct aclone_dest *d)
     return;
   if (d->fd >= 0)
     close (d->fd);
+  if (d->settle_fd >= 0)
+    close (d->settle_fd);
   free (d->path);
   free (d);
 }
@@ -240,6 +253,45 @@ int
 aclone_dest_sync (struct aclone_dest *d)
 {
   return fdatasync (d->fd) < 0 ? -errno : 0;
+}
+
+void
+aclone_dest_settle_begin (struct aclone_dest *d, uint64_t offset,
+                          uint64_t count)
+{
+  if (d->settle_fd >= 0)
+    (void) sync_file_range (d->settle_fd, offset, count, SYNC_FILE_RANGE_WRITE);
+}
+
+int
+aclone_dest_settle_wait (struct aclone_dest *d, uint64_t offset,
+                         uint64_t count)
+{
+  if (d->settle_fd < 0)
+    return 0;
+  /* WAIT_BEFORE too: writeback the begin call did not start (a page
+   * under writeback then) is started and waited for here.
+   */
+  if (sync_file_range (d->settle_fd, offset, count,
+                       SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
+                       SYNC_FILE_RANGE_WAIT_AFTER) < 0)
+    return -errno;
+  return 0;
+}
+
+void
+aclone_dest_drop_cached (struct aclone_dest *d, uint64_t offset,
+                         uint64_t count)
+{
+  /* Drops clean pages only: one dirtied again meanwhile stays. */
+  if (d->settle_fd >= 0)
+    (void) posix_fadvise (d->settle_fd, offset, count, POSIX_FADV_DONTNEED);
+}
+
+bool
+aclone_dest_settles (const struct aclone_dest *d)
+{
+  return d->settle_fd >= 0;
 }
 
 int

@@ -27,6 +27,23 @@
  * them, fresh buffers halved copy-on-read misses (0.45x an nbdkit nbd
  * proxy; 0.67x with spares; tests/bench/run --only 10).
  *
+ * Landed copies then settle (the settle callback, on a thread of its
+ * own; dest.h, aclone_dest_settle_begin): their writeback starts at
+ * once, and a few copies later (WB_SETTLE_BYTES) it is waited for and
+ * their pages dropped from the page cache.  The client has the data;
+ * keeping it cached cost the machine memory, and on the development
+ * machine the fresh pages made each copy 10x as dear as one into pages
+ * just dropped.
+ *
+ * The writer is background work, and on a machine whose CPUs are busy it
+ * still takes time the clients want: when its landings wait for a CPU
+ * longer than they run, the writer rests between them (writebehind.c),
+ * its queue fills, and further misses are served without a copy.  On two
+ * cores saturated by a client reading misses, copying all it could cost
+ * the client 30-40% of its throughput.  No rests while someone waits for
+ * a region (may_rest): a queued copy may hold it.  A client about to
+ * wait calls aclone_writebehind_hurry, which also ends a rest under way.
+ *
  * The queue holds at most max_bytes; beyond that (dest slower than the
  * source), the caller does not copy at all: the read is served from the
  * source as without copy-on-read, the regions stay unhydrated for the
@@ -59,8 +76,27 @@ struct aclone_wb_copy {
  */
 typedef void (*aclone_wb_land_fn) (void *opaque, const struct aclone_wb_copy *w);
 
-/* Start the writer thread.  Returns 0 or -errno. */
-int aclone_writebehind_start (aclone_wb_land_fn land, void *opaque,
+/* Settles dest bytes [off, off+len) of a landed copy: end=false soon
+ * after it landed, end=true once a few more copies have (or none came
+ * for a while).  Runs on the settler thread, with no lock held; it may
+ * wait for I/O.
+ */
+typedef void (*aclone_wb_settle_fn) (void *opaque, uint64_t off, size_t len,
+                                     bool end);
+
+struct aclone_wb_ops {
+  aclone_wb_land_fn land;
+  aclone_wb_settle_fn settle;        /* NULL: copies are not settled */
+  /* false while someone waits for a region (a queued copy may hold it):
+   * the writer does not rest then.  NULL: always true.
+   */
+  bool (*may_rest) (void *opaque);
+};
+
+/* Start the writer thread (and the settler, with ops->settle).  Returns
+ * 0 or -errno.
+ */
+int aclone_writebehind_start (const struct aclone_wb_ops *ops, void *opaque,
                               size_t max_bytes,
                               struct aclone_writebehind **out);
 
@@ -87,12 +123,21 @@ bool aclone_writebehind_has_room (struct aclone_writebehind *wb, size_t len);
 /* Bytes of spare buffers kept now. */
 uint64_t aclone_writebehind_spare_bytes (struct aclone_writebehind *wb);
 
-/* Bytes queued and not landed yet; copies queued since start. */
+/* Bytes queued and not landed yet; copies queued since start; rests
+ * taken since start.
+ */
 uint64_t aclone_writebehind_pending (struct aclone_writebehind *wb);
 uint64_t aclone_writebehind_queued (struct aclone_writebehind *wb);
+uint64_t aclone_writebehind_rests (struct aclone_writebehind *wb);
+
+/* Someone waits for a region a queued copy holds: end the writer's
+ * rest, and take none for a while.
+ */
+void aclone_writebehind_hurry (struct aclone_writebehind *wb);
 
 /* Refuse new copies from now on, land every queued one, join the
- * writer and free the spare buffers.  Safe with NULL, and twice in a
+ * writer and the settler (copies not settled yet stay cached) and free
+ * the spare buffers.  Safe with NULL, and twice in a
  * row; not from two threads at once (the second would return before the
  * queue has landed).
  */

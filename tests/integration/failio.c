@@ -5,13 +5,18 @@
  * While the file named by FAILIO_SYNC_TRIGGER exists, fdatasync and
  * fsync of the file FAILIO_PATH fail with EIO; while FAILIO_WRITE_TRIGGER
  * exists, pwrite to it fails with EIO; while FAILIO_HOLD_TRIGGER exists,
- * pwrite to it waits (up to 12 s), a dest write that has not landed yet.
+ * pwrite to it waits (up to 12 s), a dest write that has not landed yet;
+ * while FAILIO_SETTLE_TRIGGER exists, the next sync_file_range that waits
+ * for writeback of it (SYNC_FILE_RANGE_WAIT_AFTER) does its work, then
+ * fails with EIO, as when writeback of the file failed, and removes the
+ * trigger: one error.
  * Every other call, and every call
  * on another file, goes to libc.  (The hydrator's io_uring writes are not
  * seen here: they fail through a full dest instead, in the tests.)
  */
 #include <dlfcn.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -81,3 +86,20 @@ pwrite (int fd, const void *buf, size_t count, off_t offset)
 
 ssize_t pwrite64 (int fd, const void *buf, size_t count, off_t offset)
   __attribute__ ((alias ("pwrite")));
+
+int
+sync_file_range (int fd, off_t offset, off_t nbytes, unsigned int flags)
+{
+  static int (*real) (int, off_t, off_t, unsigned int);
+
+  if (!real)
+    real = (int (*) (int, off_t, off_t, unsigned int)) dlsym (RTLD_NEXT, "sync_file_range");
+  if ((flags & SYNC_FILE_RANGE_WAIT_AFTER) &&
+      should_fail (fd, "FAILIO_SETTLE_TRIGGER") &&
+      unlink (getenv ("FAILIO_SETTLE_TRIGGER")) == 0) {
+    real (fd, offset, nbytes, flags);
+    errno = EIO;
+    return -1;
+  }
+  return real (fd, offset, nbytes, flags);
+}

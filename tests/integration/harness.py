@@ -374,16 +374,20 @@ class CloneTest(unittest.TestCase):
     def failio_clone(self, src, name="clone", **params):
         """A clone under tests/integration/failio.c: while self.sync_trigger
         exists its dest syncs fail, while self.write_trigger exists its
-        dest pwrites fail, while self.hold_trigger exists they wait."""
+        dest pwrites fail, while self.hold_trigger exists they wait, while
+        self.settle_trigger exists the next sync_file_range that waits
+        fails (once)."""
         self.sync_trigger = os.path.join(self.tmp, "fail-sync")
         self.write_trigger = os.path.join(self.tmp, "fail-write")
         self.hold_trigger = os.path.join(self.tmp, "hold-write")
+        self.settle_trigger = os.path.join(self.tmp, "fail-settle")
         preload = " ".join(p for p in (SANITIZER_ENV.get("LD_PRELOAD"),
                                        os.path.abspath(FAILIO)) if p)
         env = {"LD_PRELOAD": preload, "FAILIO_PATH": os.path.realpath(self.dest),
                "FAILIO_SYNC_TRIGGER": self.sync_trigger,
                "FAILIO_WRITE_TRIGGER": self.write_trigger,
-               "FAILIO_HOLD_TRIGGER": self.hold_trigger}
+               "FAILIO_HOLD_TRIGGER": self.hold_trigger,
+               "FAILIO_SETTLE_TRIGGER": self.settle_trigger}
         args = ["%s=%s" % (k.replace("_", "-"), v) for k, v in params.items()]
         return self.server(name, [PLUGIN, "source=" + src.uri, "dest=" + self.dest,
                                   "meta=" + self.meta] + args, env)

@@ -12,11 +12,14 @@
   show in status;
 - a copy-on-read reply goes out before its dest write lands; the region
   stays locked and unhydrated until it does (a client write waits); a
-  crash between the reply and the write loses nothing that was flushed.
+  crash between the reply and the write loses nothing that was flushed;
+- copies written behind replies leave the page cache once written back,
+  unless writeback failed.
 
 Timing targets (how much faster the guest runs) are tests/bench/run's."""
 import os
 import signal
+import subprocess
 import threading
 import time
 
@@ -692,6 +695,76 @@ class ForegroundTest(CloneTest):
         h.shutdown()
         c.stop()
         self.assertEqual(sha(self.dest), sha(src_path))
+
+    def cached_bytes(self, path):
+        """Bytes of path in the page cache (fincore(1))."""
+        out = subprocess.run(["fincore", "--bytes", "--noheadings",
+                              "--output", "RES", path], check=True,
+                             capture_output=True, text=True, timeout=30)
+        return int(out.stdout.split()[0])
+
+    def copies_on_read(self, c, src_path, source, n):
+        """Read n MiB of misses through c, check them, wait until their
+        copies have landed; returns the status then."""
+        h = c.connect()
+        for off in range(0, n * MiB, MiB):
+            self.assertEqual(h.pread(MiB, off), source[off:off + MiB], off)
+        h.shutdown()
+        self.status_becomes(10, hydrated=n * MiB // RS)
+        wait_for(lambda: status(self.meta)["foreground"]["cor_pending"] == 0,
+                 10, "the copies to land")
+        return status(self.meta)
+
+    def skip_unless_page_cache(self):
+        """Copies settle on ext4 and XFS only (dest.h)."""
+        fs = subprocess.run(["stat", "-f", "-c", "%T", self.tmp], check=True,
+                            capture_output=True, text=True).stdout.strip()
+        if fs not in ("ext2/ext3", "xfs"):
+            self.skipTest("dest on %s: copies do not settle there" % fs)
+
+    def test_copies_on_read_leave_the_page_cache(self):
+        """Copies written behind replies are written back and dropped from
+        the page cache: a few MiB behind the last landed copy while more
+        come (WB_SETTLE_BYTES), all of them once none do.  24 MiB of
+        misses copied leave none of dest cached; dest holds the data."""
+        self.skip_unless_page_cache()
+        src_path, source = self.random_file(32 * MiB, seed=8)
+        src = self.source_file(src_path)
+        c = self.clone(src, hydrate="false")
+        self.copies_on_read(c, src_path, source, 24)
+        cached = []
+        try:
+            wait_for(lambda: cached.append(self.cached_bytes(self.dest)) or
+                     cached[-1] <= 256 * 1024, 10, "the copies to leave the cache")
+        finally:
+            print("24 MiB copied on read, %s bytes of dest cached" % cached[-1:])
+        c.stop()
+        with open(self.dest, "rb") as f:
+            self.assertEqual(f.read(24 * MiB), source[:24 * MiB])
+
+    def test_copies_on_read_stay_cached_after_a_writeback_error(self):
+        """When waiting for a copy's writeback reports an error, its pages
+        may hold the only good copy of its data: they, and every copy
+        after them, stay in the page cache (one error, here: the first
+        wait fails, the later ones would not).  The error itself is the
+        commit's to report (its sync sees a real one too); the clone
+        serves on."""
+        self.skip_unless_page_cache()
+        src_path, source = self.random_file(32 * MiB, seed=9)
+        src = self.source_file(src_path)
+        c = self.failio_clone(src, hydrate="false")
+        open(self.settle_trigger, "w").close()
+        st = self.copies_on_read(c, src_path, source, 24)
+        cached = self.cached_bytes(self.dest)
+        print("24 MiB copied on read, settling failed: %d bytes of dest "
+              "cached" % cached)
+        self.assertFalse(os.path.exists(self.settle_trigger),
+                         "no settling waited for writeback")
+        self.assertGreaterEqual(cached, 24 * MiB)
+        self.assertNotEqual(st["state"], "failed")
+        h = c.connect()
+        self.assertEqual(h.pread(24 * MiB, 0), source[:24 * MiB])
+        h.shutdown()
 
     def test_crash_between_reply_and_write(self):
         """A crash after a copy-on-read reply and before its dest write

@@ -11,11 +11,17 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
+#if __has_include(<valgrind/valgrind.h>)
+#include <valgrind/valgrind.h>
+#endif
 
 #include "clone-internal.h"
 #include "writebehind.h"
@@ -219,6 +225,225 @@ land_nothing (void *opaque, const struct aclone_wb_copy *w)
   (void) w;
 }
 
+/* What a write-behind's settle callback was told, in order. */
+struct settle_log {
+  pthread_mutex_t lock;
+  unsigned n;
+  struct { uint64_t off; size_t len; bool end; } e[64];
+};
+
+static void
+settle_record (void *opaque, uint64_t off, size_t len, bool end)
+{
+  struct settle_log *log = opaque;
+
+  pthread_mutex_lock (&log->lock);
+  if (log->n < 64)
+    log->e[log->n++] = (typeof (log->e[0])) { off, len, end };
+  pthread_mutex_unlock (&log->lock);
+}
+
+static unsigned
+settle_count (struct settle_log *log)
+{
+  pthread_mutex_lock (&log->lock);
+  unsigned n = log->n;
+  pthread_mutex_unlock (&log->lock);
+  return n;
+}
+
+/* Each landed copy begins to settle, in landing order, and ends once
+ * more than 4 MiB have begun after it, oldest first; when no more come,
+ * the rest end too.
+ */
+static void
+test_writebehind_settles (void **state)
+{
+  struct settle_log log = { .lock = PTHREAD_MUTEX_INITIALIZER };
+  struct aclone_wb_ops ops = { .land = land_nothing, .settle = settle_record };
+  struct aclone_writebehind *wb;
+  size_t cap;
+
+  (void) state;
+  assert_int_equal (aclone_writebehind_start (&ops, &log, 64 << 20, &wb), 0);
+  for (uint64_t i = 0; i < 20; i++) {
+    char *buf = aclone_writebehind_buf (wb, 1 << 20, &cap);
+    struct aclone_wb_copy w = { i, 1, i << 20, 1 << 20, buf, cap };
+    assert_true (aclone_writebehind_queue (wb, &w));
+  }
+  for (int i = 0; i < 5000 && settle_count (&log) < 40; i++)
+    usleep (1000);
+  usleep (20000);                    /* nothing more comes */
+  assert_int_equal (settle_count (&log), 40);
+  uint64_t begun = 0, ended = 0;
+  for (unsigned k = 0; k < log.n; k++) {
+    assert_int_equal (log.e[k].len, 1 << 20);
+    if (!log.e[k].end)
+      assert_int_equal (log.e[k].off, (begun++) << 20);
+    else {
+      assert_int_equal (log.e[k].off, (ended++) << 20);
+      assert_true (ended <= begun);
+    }
+    assert_true (begun - ended <= 5);          /* 4 MiB, and the new one */
+  }
+  assert_int_equal (begun, 20);
+  assert_int_equal (ended, 20);
+  aclone_writebehind_free (wb);
+}
+
+/* CPU time of this thread, ns. */
+static uint64_t
+thread_cpu_ns (void)
+{
+  struct timespec ts;
+
+  clock_gettime (CLOCK_THREAD_CPUTIME_ID, &ts);
+  return (uint64_t) ts.tv_sec * 1000000000u + (uint64_t) ts.tv_nsec;
+}
+
+/* A landing that costs the writer 300 us of CPU. */
+static void
+land_burning (void *opaque, const struct aclone_wb_copy *w)
+{
+  uint64_t until = thread_cpu_ns () + 300000;
+
+  (void) opaque;
+  (void) w;
+  while (thread_cpu_ns () < until)
+    ;
+}
+
+static void *
+hog (void *arg)
+{
+  atomic_bool *stop = arg;
+
+  while (!atomic_load (stop))
+    ;
+  return NULL;
+}
+
+static bool
+wb_landed (struct aclone_writebehind *wb, int ms)
+{
+  for (int i = 0; i < ms && aclone_writebehind_pending (wb) > 0; i++)
+    usleep (1000);
+  return aclone_writebehind_pending (wb) == 0;
+}
+
+static void
+queue_small (struct aclone_writebehind *wb, unsigned n)
+{
+  size_t cap;
+
+  for (unsigned i = 0; i < n; i++) {
+    char *buf = aclone_writebehind_buf (wb, 64 << 10, &cap);
+    struct aclone_wb_copy w = { i, 1, (uint64_t) i << 16, 64 << 10, buf, cap };
+    assert_true (aclone_writebehind_queue (wb, &w));
+  }
+}
+
+static bool
+may_rest_flag (void *opaque)
+{
+  return atomic_load ((atomic_bool *) opaque);
+}
+
+/* On a CPU another thread keeps busy, the writer (nice 10) waits for it
+ * longer than it runs, and rests between landings; not while may_rest
+ * says someone waits, nor for a while after aclone_writebehind_hurry.
+ */
+static void
+test_writebehind_rests_when_contended (void **state)
+{
+  struct aclone_writebehind *wb;
+  cpu_set_t saved, one;
+  pthread_t t;
+  atomic_bool stop = false, may = true;
+  struct aclone_wb_ops ops = { .land = land_burning, .may_rest = may_rest_flag };
+
+  (void) state;
+#ifdef RUNNING_ON_VALGRIND
+  /* Valgrind runs one thread at a time under its own lock: the kernel
+   * sees no thread waiting for a CPU.
+   */
+  if (RUNNING_ON_VALGRIND)
+    skip ();
+#endif
+  if (access ("/proc/thread-self/schedstat", R_OK) != 0)
+    skip ();                         /* no scheduler statistics: no rests */
+  /* One CPU for the threads created from here: the hog and the writer. */
+  assert_int_equal (sched_getaffinity (0, sizeof saved, &saved), 0);
+  CPU_ZERO (&one);
+  for (int cpu = 0; cpu < CPU_SETSIZE; cpu++)
+    if (CPU_ISSET (cpu, &saved)) {
+      CPU_SET (cpu, &one);
+      break;
+    }
+  assert_int_equal (sched_setaffinity (0, sizeof one, &one), 0);
+  assert_int_equal (pthread_create (&t, NULL, hog, &stop), 0);
+  assert_int_equal (aclone_writebehind_start (&ops, &may, 16 << 20, &wb), 0);
+  assert_int_equal (sched_setaffinity (0, sizeof saved, &saved), 0);
+
+  queue_small (wb, 10);
+  assert_true (wb_landed (wb, 10000));
+  uint64_t rests = aclone_writebehind_rests (wb);
+  assert_true (rests > 0);
+
+  /* A hurry holds off rests for 200 ms: landings within it take none.
+   * (A round that took longer, the machine stalling, says nothing.)
+   */
+  bool judged = false;
+  for (int round = 0; round < 10 && !judged; round++) {
+    uint64_t r0 = aclone_writebehind_rests (wb), t0 = aclone_now_ns ();
+    aclone_writebehind_hurry (wb);
+    queue_small (wb, 5);
+    assert_true (wb_landed (wb, 10000));
+    if (aclone_now_ns () - t0 < 150000000u) {
+      assert_int_equal (aclone_writebehind_rests (wb), r0);
+      judged = true;
+    }
+  }
+  assert_true (judged);
+
+  /* A hurry ends a rest under way: the next landing comes long before
+   * the rest (50 ms) would have ended.  (Judged on a round where it came
+   * within 25 ms; without the cut, none does.)
+   */
+  bool cut = false;
+  for (int round = 0; round < 10 && !cut; round++) {
+    usleep (300000);                 /* the last hurry long over */
+    uint64_t r0 = aclone_writebehind_rests (wb);
+    queue_small (wb, 40);
+    uint64_t t0 = aclone_now_ns ();
+    while (aclone_writebehind_rests (wb) == r0 &&
+           aclone_now_ns () - t0 < 5000000000u)
+      usleep (100);
+    assert_true (aclone_writebehind_rests (wb) > r0);
+    uint64_t p0 = aclone_writebehind_pending (wb);
+    t0 = aclone_now_ns ();
+    aclone_writebehind_hurry (wb);
+    while (aclone_writebehind_pending (wb) == p0 && p0 > 0 &&
+           aclone_now_ns () - t0 < 1000000000u)
+      usleep (100);
+    cut = p0 > 0 && aclone_now_ns () - t0 < 25000000u;
+    assert_true (wb_landed (wb, 10000));
+  }
+  assert_true (cut);
+
+  /* Someone waits: no rests, however long (the hurry long over). */
+  usleep (300000);
+  atomic_store (&may, false);
+  uint64_t r0 = aclone_writebehind_rests (wb);
+  queue_small (wb, 20);
+  assert_true (wb_landed (wb, 10000));
+  assert_int_equal (aclone_writebehind_rests (wb), r0);
+
+  atomic_store (&stop, true);
+  pthread_join (t, NULL);
+  aclone_writebehind_free (wb);
+}
+
 /* A landed copy's buffer is the next miss's, a size class a list (powers
  * of two from 64 KiB); spares are kept up to 8 MiB, the rest freed; a
  * miss of a new size evicts a spare of another when there is no room; a
@@ -233,7 +458,8 @@ test_writebehind_spares (void **state)
   char *bufs[9];
 
   (void) state;
-  assert_int_equal (aclone_writebehind_start (land_nothing, NULL, 32 << 20, &wb), 0);
+  struct aclone_wb_ops ops = { .land = land_nothing };
+  assert_int_equal (aclone_writebehind_start (&ops, NULL, 32 << 20, &wb), 0);
   char *a = aclone_writebehind_buf (wb, 100000, &cap);
   assert_non_null (a);
   assert_int_equal (cap, 128 << 10);
@@ -1054,6 +1280,8 @@ main (void)
     T (test_read_copy_on_read_dest_fails),
     T (test_read_copy_on_read_behind),
     T (test_writebehind_spares),
+    T (test_writebehind_settles),
+    T (test_writebehind_rests_when_contended),
     T (test_read_without_copy),
     T (test_write_whole_regions_no_copy),
     T (test_write_partial_rmw),
