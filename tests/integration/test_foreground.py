@@ -725,22 +725,22 @@ class ForegroundTest(CloneTest):
     def test_copies_on_read_leave_the_page_cache(self):
         """Copies written behind replies are written back and dropped from
         the page cache: a few MiB behind the last landed copy while more
-        come (WB_SETTLE_BYTES), all of them once none do.  24 MiB of
+        come (WB_SETTLE_BYTES), all of them once none do.  12 MiB of
         misses copied leave none of dest cached; dest holds the data."""
         self.skip_unless_page_cache()
-        src_path, source = self.random_file(32 * MiB, seed=8)
+        src_path, source = self.random_file(16 * MiB, seed=8)
         src = self.source_file(src_path)
         c = self.clone(src, hydrate="false")
-        self.copies_on_read(c, src_path, source, 24)
+        self.copies_on_read(c, src_path, source, 12)
         cached = []
         try:
             wait_for(lambda: cached.append(self.cached_bytes(self.dest)) or
                      cached[-1] <= 256 * 1024, 10, "the copies to leave the cache")
         finally:
-            print("24 MiB copied on read, %s bytes of dest cached" % cached[-1:])
+            print("12 MiB copied on read, %s bytes of dest cached" % cached[-1:])
         c.stop()
         with open(self.dest, "rb") as f:
-            self.assertEqual(f.read(24 * MiB), source[:24 * MiB])
+            self.assertEqual(f.read(12 * MiB), source[:12 * MiB])
 
     def test_copies_on_read_stay_cached_after_a_writeback_error(self):
         """When waiting for a copy's writeback reports an error, its pages
@@ -750,20 +750,20 @@ class ForegroundTest(CloneTest):
         commit's to report (its sync sees a real one too); the clone
         serves on."""
         self.skip_unless_page_cache()
-        src_path, source = self.random_file(32 * MiB, seed=9)
+        src_path, source = self.random_file(16 * MiB, seed=9)
         src = self.source_file(src_path)
         c = self.failio_clone(src, hydrate="false")
         open(self.settle_trigger, "w").close()
-        st = self.copies_on_read(c, src_path, source, 24)
+        st = self.copies_on_read(c, src_path, source, 12)
         cached = self.cached_bytes(self.dest)
-        print("24 MiB copied on read, settling failed: %d bytes of dest "
+        print("12 MiB copied on read, settling failed: %d bytes of dest "
               "cached" % cached)
         self.assertFalse(os.path.exists(self.settle_trigger),
                          "no settling waited for writeback")
-        self.assertGreaterEqual(cached, 24 * MiB)
+        self.assertGreaterEqual(cached, 12 * MiB)
         self.assertNotEqual(st["state"], "failed")
         h = c.connect()
-        self.assertEqual(h.pread(24 * MiB, 0), source[:24 * MiB])
+        self.assertEqual(h.pread(12 * MiB, 0), source[:12 * MiB])
         h.shutdown()
 
     def test_crash_between_reply_and_write(self):
