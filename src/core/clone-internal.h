@@ -59,6 +59,7 @@ struct aclone_clone {
    */
   atomic_uint_fast64_t bytes_copied, bytes_skipped, errors, in_flight;
   atomic_uint_fast64_t bytes_cor;  /* of bytes_copied, copied on read */
+  atomic_uint_fast64_t bytes_cor_charged; /* see aclone_clone_bytes_cor_charged */
   pthread_mutex_t err_lock;      /* protects last_error */
   char last_error[256];
 
@@ -275,6 +276,16 @@ static inline uint64_t
 aclone_clone_bytes_copied_on_read (struct aclone_clone *c)
 {
   return atomic_load (&c->bytes_cor);
+}
+
+/* Copy-on-read bytes for the progress floor (hydrator.c): copied in
+ * line, or queued behind a reply.  A queued copy counts at once: it
+ * lands when the writer gets to it, later while the writer rests.
+ */
+static inline uint64_t
+aclone_clone_bytes_cor_charged (struct aclone_clone *c)
+{
+  return atomic_load (&c->bytes_cor_charged);
 }
 
 static inline uint64_t

@@ -383,7 +383,9 @@ cor_behind (struct aclone_clone *c, uint64_t first, uint64_t count,
   }
   memcpy (out, buf + (out_off - b0), out_len);
   struct aclone_wb_copy w = { first, count, b0, len, buf, cap };
-  if (!aclone_writebehind_queue (c->wb, &w)) {
+  if (aclone_writebehind_queue (c->wb, &w))
+    atomic_fetch_add (&c->bytes_cor_charged, len);
+  else {
     /* Full after all: drop the copy, the hydrator will do it. */
     atomic_fetch_sub (&c->in_flight, len);
     aclone_map_unlock (&c->map, first, count);
@@ -444,8 +446,10 @@ aclone_clone_copy_locked (struct aclone_clone *c, uint64_t first,
         int wr = land_copy (c, r, n, buf, b0, len, false);
         if (wr < 0 && !out)
           ret = wr;
-        if (wr == 0 && out)
+        if (wr == 0 && out) {
           atomic_fetch_add (&c->bytes_cor, len);
+          atomic_fetch_add (&c->bytes_cor_charged, len);
+        }
         if (ret == 0 && o0 < o1 && buf == bounce)
           memcpy ((char *) out + (o0 - out_off), bounce + (o0 - b0), o1 - o0);
       }

@@ -335,7 +335,7 @@ depth_limit (struct worker *h, bool *held)
    * NBD_CMD_CACHE, are not charged: that only favours the batches.)
    */
   double fill = (double) floor * (now - hy->miss_refill_ns) / 1e9;
-  uint64_t cor = aclone_clone_bytes_copied_on_read (h->c);
+  uint64_t cor = aclone_clone_bytes_cor_charged (h->c);
   fill -= (double) (cor - hy->cor_charged);
   hy->cor_charged = cor;
   /* (Clamped below too: after the floor is lowered, a debt run up
@@ -1635,7 +1635,7 @@ aclone_hydrator_start (struct aclone_clone *c,
   aclone_fgpace_init (&hy->pace);
   aclone_fgctl_init (&hy->fg, MAX (1u, MIN (cfg->depth, ACLONE_HYDRATOR_MAX_DEPTH)),
                      cfg->batch, aclone_now_ns ());
-  hy->cor_charged = aclone_clone_bytes_copied_on_read (c);
+  hy->cor_charged = aclone_clone_bytes_cor_charged (c);
   hy->idle_ok = aclone_prio_idle_usable ();
   aclone_clone_allow_idle (c, hy->idle_ok);
   if (!hy->idle_ok)
