@@ -252,11 +252,14 @@ class ForegroundTest(CloneTest):
         share aside, set low here): each of its bytes would delay the
         miss.  In gaps between misses longer than the hold after each
         (50 ms) it copies, in batches of an eighth of hydrate-batch.  The
-        source's log shows both: the client's reads are its only 48 KiB
+        source's log shows both: the client's reads are its only 240 KiB
         ones (copy-on-read off), hydration's are whole regions."""
-        misses = self.miss_train(40, 0.1)     # gaps: hydration may begin
+        # Misses of 240 KiB (60-70 ms each here): long enough that without
+        # the hold, batches begin during a third of them (48 KiB ones
+        # gave 4-7 against the bound of 6, and the mutant survived).
+        miss = 240 * 1024
+        misses = self.miss_train(30, 0.1, miss)   # gaps: hydration may begin
         reads = source_reads(self.log)
-        miss = MISS
         # From the end of the third miss: a batch sized before the
         # misses began (a quarter or a half of hydrate-batch) may reach
         # the source after the first ones; under TSan on a loaded machine
@@ -265,6 +268,8 @@ class ForegroundTest(CloneTest):
         during = [(b, n) for b, e, _, n in reads
                   if n != miss and any(mb < b < me for mb, me in misses)]
         between = [n for b, e, _, n in reads if n != miss and first < b < last]
+        print("%d misses; hydration reads begun during them: %d, between: %d"
+              % (len(misses), len(during), len(between)))
         # (A batch decided just before a miss began may reach the source
         # just after it: a few, not one a miss.)
         self.assertLessEqual(len(during), 6, "hydration reads begun during "
