@@ -328,7 +328,8 @@ cor_settle (void *opaque, uint64_t off, size_t len, bool end)
   }
   if (aclone_clone_mode (c) == ACLONE_MODE_FAILED)
     return;
-  for (uint64_t r = off >> c->map.shift; r <= (off + len - 1) >> c->map.shift; r++)
+  uint64_t last = (off + len - 1) >> c->map.shift;
+  for (uint64_t r = off >> c->map.shift; r <= last; r++)
     if (aclone_map_written (&c->map, r))
       return;
   aclone_dest_drop_cached (c->dest, off, len);

@@ -125,10 +125,11 @@ aclone_dest_open (const char *path, uint64_t size, bool create,
     goto fail;
   }
   d->is_block = S_ISBLK (st.st_mode);
-  /* The same file, not the same name: the path may be renamed meanwhile. */
+  /* A second description for settling (dest.h), on ext4 and XFS only. */
   struct statfs sfs;
   if (S_ISREG (st.st_mode) && fstatfs (d->fd, &sfs) == 0 &&
       (sfs.f_type == EXT4_SUPER_MAGIC || sfs.f_type == XFS_SUPER_MAGIC)) {
+    /* The same file, not the same name: the path may be renamed. */
     char self[64];
     snprintf (self, sizeof self, "/proc/self/fd/%d", d->fd);
     d->settle_fd = open (self, O_RDONLY | O_CLOEXEC);

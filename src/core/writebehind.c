@@ -173,8 +173,8 @@ settler (void *arg)
     struct settling e = ring_pop (&wb->settle_q);
     pthread_mutex_unlock (&wb->lock);
     wb->ops.settle (wb->opaque, e.off, e.len, false);
-    while (begun.n > 0 &&
-           (begun.n == WB_SETTLE_SLOTS || begun.bytes + e.len > WB_SETTLE_BYTES)) {
+    while (begun.n > 0 && (begun.n == WB_SETTLE_SLOTS ||
+                           begun.bytes + e.len > WB_SETTLE_BYTES)) {
       struct settling o = ring_pop (&begun);
       wb->ops.settle (wb->opaque, o.off, o.len, true);
     }
